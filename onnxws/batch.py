@@ -1,0 +1,260 @@
+"""``onnxws batch``: compress a folder or a TOML manifest of models, one report each, one summary.
+
+Resumable: a model whose output and ``report.json`` exist and whose report names the same
+input hash and settings is not redone. Failures are recorded and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxws.config import CompressConfig
+from onnxws.errors import InputError, OnnxwsError, UsageError
+from onnxws.loading import file_sha256
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = ["model", "status", "baseline", "final", "loss", "loss_unit", "ratio_theoretical",
+                   "ratio_file", "scorings", "seconds", "error"]
+
+
+@dataclass
+class BatchItem:
+    """One model of a batch: where it is, its data, its per-model options."""
+
+    model: Path
+    data: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stem(self) -> str:
+        return self.model.name.removesuffix(".onnx")
+
+
+@dataclass
+class BatchRow:
+    model: str
+    status: str  # "ok" | "skipped (done)" | "failed"
+    baseline: float | None = None
+    final: float | None = None
+    loss: float | None = None
+    loss_unit: str = ""
+    ratio_theoretical: float | None = None
+    ratio_file: float | None = None
+    scorings: int | None = None
+    seconds: float | None = None
+    error: str = ""
+
+
+def collect(source: Path, out_dir: Path) -> list[BatchItem]:
+    """Models of a folder (every ``*.onnx``, our own outputs excluded) or of a TOML manifest.
+
+    Manifest: ``[[model]]`` tables with ``path`` (relative to the manifest), optional ``data``
+    and any compress option (``loss``, ``search_samples``, ...); an optional ``[defaults]``
+    table applies to every model.
+    """
+    if source.is_dir():
+        out_resolved = out_dir.resolve()
+        items = []
+        for path in sorted(source.glob("*.onnx")):
+            if path.name.endswith(".ws.onnx") or path.resolve().parent == out_resolved:
+                continue
+            items.append(BatchItem(path))
+        if not items:
+            raise InputError(f"no .onnx models in {source} (outputs named *.ws.onnx are not inputs)")
+        return _unique_stems(items)
+    if source.suffix.lower() != ".toml":
+        raise UsageError(f"batch source {source} must be a folder of .onnx models or a .toml manifest")
+    try:
+        manifest = tomllib.loads(source.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"cannot read manifest {source}: {exc}") from exc
+    unknown = set(manifest) - {"defaults", "model"}
+    if unknown:
+        raise UsageError(f"manifest {source}: unknown table(s) {sorted(unknown)}; expected [defaults] and [[model]]")
+    defaults = dict(manifest.get("defaults", {}))
+    entries = manifest.get("model", [])
+    if not entries:
+        raise InputError(f"manifest {source} lists no [[model]]")
+    items = []
+    for i, entry in enumerate(entries):
+        entry = dict(entry)
+        if "path" not in entry:
+            raise UsageError(f"manifest {source}: [[model]] #{i + 1} has no path")
+        path = (source.parent / entry.pop("path")).resolve()
+        data = entry.pop("data", None)
+        items.append(BatchItem(path, (source.parent / data).resolve() if data else None, {**defaults, **entry}))
+    return _unique_stems(items)
+
+
+def _unique_stems(items: list[BatchItem]) -> list[BatchItem]:
+    seen: dict[str, Path] = {}
+    for item in items:
+        if item.stem in seen:
+            raise UsageError(f"two models share the name {item.stem!r} ({seen[item.stem]} and {item.model}): "
+                             "outputs would collide; rename one")
+        seen[item.stem] = item.model
+    return items
+
+
+def run_batch(
+    source: Path,
+    out_dir: Path,
+    options: dict[str, Any],
+    *,
+    config_path: Path | None = None,
+    jobs: int = 1,
+    cache: Any = None,
+    force: bool = False,
+    on_row: Callable[[BatchRow], None] | None = None,
+) -> list[BatchRow]:
+    """Compress every model of ``source`` into ``out_dir``; write summary.md and summary.csv.
+
+    Returns one row per model. Never raises for a single model's failure.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise InputError(f"output folder is not writable: {out_dir}")
+    items = collect(source, out_dir)
+    tasks = [(item, out_dir, options, config_path, cache, force) for item in items]
+    rows: list[BatchRow] = []
+
+    def record(row: BatchRow) -> None:
+        rows.append(row)
+        write_summary(out_dir, sorted(rows, key=lambda r: r.model))
+        if on_row:
+            on_row(row)
+
+    if jobs <= 1:
+        for task in tasks:
+            record(_run_one(*task))
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for row in pool.map(_run_one_star, tasks):
+                record(row)
+    return sorted(rows, key=lambda r: r.model)
+
+
+def _run_one_star(args: tuple) -> BatchRow:
+    return _run_one(*args)
+
+
+def _settings_key(item: BatchItem, options: dict, config_path: Path | None) -> dict:
+    return {"options": {**options, **item.options}, "config": str(config_path) if config_path else None,
+            "data": str(item.data) if item.data else None}
+
+
+def _run_one(item: BatchItem, out_dir: Path, options: dict, config_path: Path | None, cache: Any, force: bool) -> BatchRow:
+    from onnxws.pipeline import compress
+
+    target = out_dir / f"{item.stem}.ws.onnx"
+    folder = out_dir / f"{item.stem}.report"
+    start = time.perf_counter()
+    try:
+        if not item.model.exists():
+            raise InputError(f"model not found: {item.model}")
+        source_hash = file_sha256(item.model)
+        key = _settings_key(item, options, config_path)
+        done = _finished(target, folder, source_hash, key)
+        if done is not None and not force:
+            return _row(item.stem, "skipped (done)", done)
+        merged = {k: v for k, v in {**options, **item.options}.items() if v is not None}
+        cfg = CompressConfig.from_toml(config_path, **merged) if config_path else CompressConfig.from_dict({}, **merged)
+        result = compress(item.model, item.data, config=cfg, cache=cache)
+        result.report["batch"] = {"source_sha256": source_hash, "settings": key}
+        result.save(target, report_dir=folder, force=True)
+        return _row(item.stem, "ok", result.report, seconds=time.perf_counter() - start)
+    except OnnxwsError as exc:
+        return BatchRow(item.stem, "failed", seconds=time.perf_counter() - start, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one broken model must not stop the batch
+        logger.exception("model %s failed", item.model)
+        return BatchRow(item.stem, "failed", seconds=time.perf_counter() - start,
+                        error=f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _finished(target: Path, folder: Path, source_hash: str, key: dict) -> dict | None:
+    report_path = folder / "report.json"
+    if not (target.exists() and report_path.exists()):
+        return None
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    batch = report.get("batch", {})
+    if batch.get("source_sha256") != source_hash or batch.get("settings") != json.loads(json.dumps(key)):
+        return None
+    return report
+
+
+def _row(stem: str, status: str, report: dict, seconds: float | None = None) -> BatchRow:
+    final = report.get("final", {})
+    comp = report.get("compression", {})
+    exploration = report.get("exploration", {})
+    return BatchRow(
+        stem, status, report.get("baseline", {}).get("value"), final.get("value"), final.get("loss"),
+        final.get("loss_unit", ""), comp.get("ratio_theoretical"), comp.get("ratio_file"),
+        exploration.get("scorings"), seconds if seconds is not None else exploration.get("seconds", {}).get("total"),
+    )
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return format(value, spec or ".4g")
+    return str(value)
+
+
+def write_summary(out_dir: Path, rows: list[BatchRow]) -> None:
+    """summary.csv (machine-readable) and summary.md (a table), both written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    for r in rows:
+        writer.writerow([r.model, r.status, _fmt(r.baseline, ".6f"), _fmt(r.final, ".6f"), _fmt(r.loss, ".4f"),
+                         r.loss_unit, _fmt(r.ratio_theoretical, ".3f"), _fmt(r.ratio_file, ".3f"),
+                         _fmt(r.scorings), _fmt(r.seconds, ".1f"), r.error])
+    _atomic_write(out_dir / "summary.csv", buf.getvalue())
+    lines = ["# onnxws batch summary", "",
+             "| model | status | baseline | final | loss | CR (shared, theoretical) | file ratio | scorings | seconds | error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        loss = f"{r.loss:.3f} {r.loss_unit}" if r.loss is not None else ""
+        base = f"{100 * r.baseline:.2f}%" if r.baseline is not None else ""
+        final = f"{100 * r.final:.2f}%" if r.final is not None else ""
+        ratio = f"{r.ratio_theoretical:.2f}x" if r.ratio_theoretical else ""
+        fratio = f"{r.ratio_file:.2f}x" if r.ratio_file else ""
+        error = r.error.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {r.model} | {r.status} | {base} | {final} | {loss} | {ratio} | {fratio} | "
+                     f"{_fmt(r.scorings)} | {_fmt(r.seconds, '.1f')} | {error} |")
+    failed = sum(r.status == "failed" for r in rows)
+    lines += ["", f"{len(rows)} model(s): {len(rows) - failed} succeeded or already done, {failed} failed."]
+    _atomic_write(out_dir / "summary.md", "\n".join(lines) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,268 @@
+"""Evaluation data: load it, check it against the model's inputs, slice the search subset.
+
+Data is one array per model input, named as the input (a single-input model may use ``x``),
+plus optional integer labels ``y`` and any extra arrays a custom metric wants (string
+labels, ids, ...). Every array holds the samples along axis 0. Checks are strict and
+happen once, here: a wrong dtype or a wrong fixed dimension is an error naming both
+values, never a silent cast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxws.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+LABELS = "y"
+"""Name of the integer label array (class index per sample)."""
+ALIAS = "x"
+"""Name a single-input model's data may use instead of the input's name."""
+
+
+@dataclass
+class EvalData:
+    """Evaluation samples, checked against a model.
+
+    Attributes:
+        arrays: every array, samples along axis 0: the model inputs by name, plus extras
+            (``y`` labels, string labels, ...).
+        input_names: the model's graph inputs (non-initializer), in graph order.
+        n: number of samples (length of axis 0 of every array).
+    """
+
+    arrays: dict[str, np.ndarray]
+    input_names: list[str]
+    n: int
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Integer labels ``[n]``, or None when the data has none."""
+        return self.arrays.get(LABELS)
+
+    def head(self, n: int) -> EvalData:
+        """The first ``n`` samples (fixed, unshuffled; clipped to ``self.n``), every array sliced."""
+        if n < 1:
+            raise ValueError(f"head(n) needs n >= 1, got {n}")
+        if n >= self.n:
+            return self
+        return EvalData({k: v[:n] for k, v in self.arrays.items()}, list(self.input_names), n)
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The model inputs only, by input name (what ``InferenceSession.run`` takes)."""
+        return {name: self.arrays[name] for name in self.input_names}
+
+    def fingerprint(self) -> str:
+        """Stable SHA-256 (hex) of every array's name, dtype, shape and bytes (order-independent)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(b"onnxws-data-v1")
+            for name in sorted(self.arrays):
+                arr = self.arrays[name]
+                digest.update(f"\0{name}\0{arr.dtype.str}\0{arr.shape}\0".encode())
+                if arr.dtype.kind == "O":  # object arrays (strings from a dict) have no stable buffer
+                    digest.update(repr(arr.tolist()).encode())
+                else:
+                    digest.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs that are not initializers (what the data must feed), in graph order."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in initializers]
+
+
+def load_data(
+    source: str | Path | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]],
+    model: onnx.ModelProto,
+) -> EvalData:
+    """Load evaluation data and check it against ``model``'s inputs.
+
+    Args:
+        source: an ``.npz`` path; a dict of arrays; or an iterable of such dicts (batches,
+            concatenated along axis 0). A single-input model may name its array ``x``.
+        model: the model the data feeds.
+
+    Returns:
+        The checked data. Arrays are used as given (no copy, no cast) except when batches
+        are concatenated.
+
+    Raises:
+        InputError: unreadable file; a missing input; a dtype other than the input's; a rank
+            or fixed dimension that differs from the model's; arrays of unequal length; no
+            samples; labels ``y`` that are not 1-D integers.
+    """
+    if isinstance(source, (str, Path)):
+        arrays = _read_npz(Path(source))
+        origin = str(source)
+    elif isinstance(source, Mapping):
+        arrays = {str(k): np.asarray(v) for k, v in source.items()}
+        origin = "data"
+    elif isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray)):
+        arrays = _concat_batches(source)
+        origin = "data batches"
+    else:
+        raise InputError(f"evaluation data of type {type(source).__name__} is not supported: pass an .npz path, a dict of arrays or an iterable of batch dicts")
+    return _check(arrays, model, origin)
+
+
+def find_sidecar_data(model_path: str | Path) -> Path:
+    """The evaluation data beside a model: ``<stem>.npz``, else ``eval.npz`` in the same folder.
+
+    Raises:
+        InputError: neither exists; the message says what to pass.
+    """
+    model_path = Path(model_path)
+    for candidate in (model_path.with_suffix(".npz"), model_path.parent / "eval.npz"):
+        if candidate.is_file():
+            logger.info("using evaluation data %s found beside the model", candidate)
+            return candidate
+    raise InputError(
+        f"no evaluation data for {model_path}: neither {model_path.with_suffix('.npz').name} nor eval.npz is beside it; "
+        "pass --data PATH (an .npz with one array per model input, plus optional integer labels y)"
+    )
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise InputError(f"evaluation data file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"evaluation data path is a directory, expected an .npz file: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise InputError(f"{path} is a single .npy array; expected an .npz with one array per model input (np.savez(path, input=..., y=...))")
+        with loaded as npz:
+            return {name: npz[name] for name in npz.files}
+    except ValueError as exc:
+        if "Object arrays" in str(exc):
+            raise InputError(f"{path} holds object arrays, which need pickle; store strings as unicode arrays (np.array(labels, dtype=str))") from exc
+        raise InputError(f"{path} is not an .npz archive ({exc}); write it with numpy.savez") from exc
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"{path} could not be read as .npz ({type(exc).__name__}: {exc}); write it with numpy.savez") from exc
+
+
+def _concat_batches(batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {}
+    keys: list[str] | None = None
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise InputError(f"data batch {i} is a {type(batch).__name__}; every batch must be a dict of arrays")
+        names = sorted(str(k) for k in batch)
+        if keys is None:
+            keys = names
+            parts = {k: [] for k in keys}
+        elif names != keys:
+            raise InputError(f"data batch {i} has arrays {names} but batch 0 has {keys}; every batch needs the same arrays")
+        for k, v in batch.items():
+            arr = np.asarray(v)
+            if arr.ndim == 0:
+                raise InputError(f"data batch {i}: array {k!r} is 0-d; every array needs the samples along axis 0")
+            parts[str(k)].append(arr)
+    if keys is None:
+        raise InputError("the iterable of data batches is empty: need at least one sample")
+    out: dict[str, np.ndarray] = {}
+    for k, arrs in parts.items():
+        try:
+            out[k] = np.concatenate(arrs, axis=0)
+        except ValueError as exc:
+            shapes = sorted({a.shape[1:] for a in arrs})
+            raise InputError(f"data batches disagree on array {k!r}: per-sample shapes {shapes}; every batch must have the same shape after axis 0") from exc
+    return out
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    """Dims of an input: int for fixed, str for symbolic, None for unknown; None if no shape."""
+    tensor = vi.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+
+
+def _shape_text(dims: list[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _check(arrays: dict[str, np.ndarray], model: onnx.ModelProto, origin: str) -> EvalData:
+    inputs = model_inputs(model)
+    names = [vi.name for vi in inputs]
+    if not inputs:
+        raise InputError("the model has no graph inputs to feed: nothing to evaluate")
+    if len(inputs) == 1 and names[0] not in arrays and ALIAS in arrays:
+        arrays = dict(arrays)
+        arrays[names[0]] = arrays.pop(ALIAS)
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        hint = " (a single-input model may also use 'x')" if len(inputs) == 1 else ""
+        raise InputError(
+            f"{origin} has no array for model input(s) {missing}; found {sorted(arrays)}; "
+            f"name one array after each model input{hint}"
+        )
+    for k, v in arrays.items():
+        if v.ndim == 0:
+            raise InputError(f"{origin}: array {k!r} is 0-d; every array needs the samples along axis 0")
+    lengths = {k: int(v.shape[0]) for k, v in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise InputError(f"{origin}: arrays differ in length along axis 0 {lengths}; every array needs one entry per sample")
+    n = lengths[names[0]]
+    if n < 1:
+        raise InputError(f"{origin} holds no samples (axis 0 has length 0); need at least one")
+    for vi in inputs:
+        arr = arrays[vi.name]
+        if not vi.type.HasField("tensor_type"):
+            raise InputError(f"model input {vi.name!r} is not a tensor ({vi.type.WhichOneof('value')}); only tensor inputs are supported")
+        elem = vi.type.tensor_type.elem_type
+        _check_dtype(vi.name, arr, elem)
+        dims = _dims(vi)
+        if dims is None:
+            continue
+        if arr.ndim != len(dims):
+            raise InputError(
+                f"input {vi.name!r}: data has shape {arr.shape} (rank {arr.ndim}) but the model expects rank {len(dims)} "
+                f"{_shape_text(dims)}; reshape the data to the model's input layout"
+            )
+        for axis in range(1, len(dims)):  # axis 0 is the sample axis: a fixed batch is run in chunks
+            d = dims[axis]
+            if isinstance(d, int) and d > 0 and arr.shape[axis] != d:
+                raise InputError(
+                    f"input {vi.name!r}: data has shape {arr.shape} but the model expects {_shape_text(dims)} "
+                    f"(axis {axis} must be {d}, got {arr.shape[axis]}); resize the data to the model's input size"
+                )
+    labels = arrays.get(LABELS)
+    if labels is not None and LABELS not in names:
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise InputError(
+                f"{origin}: labels 'y' must be a 1-D integer array of class indices, length {n}; "
+                f"got shape {labels.shape} dtype {labels.dtype} (one-hot labels: use y.argmax(axis=1))"
+            )
+    logger.debug("evaluation data: %d samples, arrays %s", n, {k: (v.dtype.str, v.shape) for k, v in arrays.items()})
+    return EvalData(arrays, names, n)
+
+
+def _check_dtype(name: str, arr: np.ndarray, elem: int) -> None:
+    type_name = onnx.TensorProto.DataType.Name(elem)
+    if elem == onnx.TensorProto.STRING:
+        if arr.dtype.kind not in "UO":
+            raise InputError(f"input {name!r}: data dtype {arr.dtype} but the model expects strings (ONNX STRING); pass a unicode array")
+        return
+    try:
+        expected = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"input {name!r} has ONNX type {type_name}, which onnxws cannot feed from numpy") from exc
+    if arr.dtype != expected:
+        raise InputError(
+            f"input {name!r}: data dtype {arr.dtype} but the model expects {expected} (ONNX {type_name}); "
+            f"convert it when writing the data (e.g. array.astype(np.{expected}))"
+        )

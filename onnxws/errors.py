@@ -1,0 +1,43 @@
+"""Error types of onnxws, one base class; the CLI maps each to an exit code (DESIGN.md)."""
+
+from __future__ import annotations
+
+
+class OnnxwsError(Exception):
+    """Base class of every error onnxws raises on purpose.
+
+    The message is one line meant for a user: it names the bad value, what was
+    expected and how to fix it. ``exit_code`` is what the CLI exits with.
+    """
+
+    exit_code: int = 1
+
+
+class InputError(OnnxwsError):
+    """Bad input: unreadable model, data that does not match it, bad options (exit 1)."""
+
+    exit_code = 1
+
+
+class UsageError(OnnxwsError):
+    """An invalid option value or combination found after parsing (exit 2)."""
+
+    exit_code = 2
+
+
+class NothingToShareError(InputError):
+    """The model has no shareable weight tensor at all (exit 1)."""
+
+    exit_code = 1
+
+
+class BudgetError(OnnxwsError):
+    """The model has shareable weights, but no layer can be shared within the budget (exit 3)."""
+
+    exit_code = 3
+
+
+class VerificationError(OnnxwsError):
+    """The emitted model does not reproduce what was scored: a bug, reported loudly (exit 1)."""
+
+    exit_code = 1

@@ -1,0 +1,220 @@
+"""Shared machinery of the exploration stages: the search space, loss units, budgets, the log.
+
+The stages (layer_search, network_search) only see a ``SearchContext``: they ask it to
+evaluate tuples (``{tensor name: k}``) on the search subset or the full set and get losses
+back in the budget's unit. The context turns tuples into candidates, calls the evaluator
+(the ORT scorer in the pipeline, a stub in tests), enforces the time and scoring budgets,
+and records every explored tuple for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+Tuple_ = dict[str, int]  # tensor name -> k
+
+
+def loss_between(baseline: float, value: float, mode: str) -> float:
+    """Accuracy loss of ``value`` vs ``baseline`` (metric fractions) in the budget's unit.
+
+    ``absolute``: percentage points (0.9903 -> 0.9803 is 1.0). ``relative``: percent of the baseline.
+    """
+    if mode == "absolute":
+        return (baseline - value) * 100.0
+    if baseline == 0:
+        return 0.0 if value >= 0 else math.inf
+    return (baseline - value) / abs(baseline) * 100.0
+
+
+def loss_unit(mode: str) -> str:
+    return "pp" if mode == "absolute" else "percent_of_baseline"
+
+
+def within_budget(loss: float, budget: float) -> bool:
+    """The stop test: a loss is acceptable when it does not exceed the budget (float-safe)."""
+    return loss <= budget + 1e-9
+
+
+@dataclass(frozen=True)
+class Option:
+    """One candidate k of one layer.
+
+    Attributes:
+        k: shared values per codebook.
+        bits: index width.
+        size_bits: theoretical stored size of the layer at this k (indices + codebooks), bits.
+        inertia: clustering squared error (proxy of damage).
+    """
+
+    k: int
+    bits: int
+    size_bits: int
+    inertia: float
+
+
+@dataclass
+class Layer:
+    """A shareable tensor and its options, plus what the layer stage learned."""
+
+    name: str
+    params: int
+    full_bits: int  # size unshared, bits (params * 32, or 16 for fp16)
+    options: list[Option]
+    loss_alone: dict[int, float] = field(default_factory=dict)  # k -> measured loss of this layer alone
+    loss_source: dict[int, str] = field(default_factory=dict)  # k -> "measured" | "proxy"
+    candidates: list[int] = field(default_factory=list)  # Pareto-efficient k kept for the network stage
+
+    def option(self, k: int) -> Option:
+        for opt in self.options:
+            if opt.k == k:
+                return opt
+        raise KeyError(f"{self.name}: no option k={k}")
+
+
+@dataclass
+class Explored:
+    """One evaluated tuple (for the report's plot and table)."""
+
+    k: Tuple_
+    ratio: float
+    loss_measured: float
+    subset: str
+    stage: str
+    loss_predicted: float | None = None
+
+
+class BudgetExhausted(Exception):
+    """Raised inside a stage when the time or scoring budget is spent."""
+
+
+class SearchContext:
+    """Evaluates tuples for the stages, with budgets and a log.
+
+    Args:
+        layers: the search space, in graph order.
+        evaluate: ``(tuples, subset) -> metric values`` (higher is better), one per tuple;
+            layers absent from a tuple keep their original weights.
+        baseline: metric of the unshared model per subset, ``{"search": .., "full": ..}``.
+        budget: allowed loss in the unit of ``loss_mode``.
+        loss_mode: ``absolute`` (pp) or ``relative`` (percent of baseline).
+        time_budget: seconds for the whole exploration, or None.
+        max_scorings: maximum evaluations requested (cache hits included), or None.
+        progress: optional callback ``(stage, done, total, message)``.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        evaluate: Callable[[list[Tuple_], str], list[float]],
+        baseline: Mapping[str, float],
+        budget: float,
+        loss_mode: str = "absolute",
+        *,
+        time_budget: float | None = None,
+        max_scorings: int | None = None,
+        progress: Callable[[str, int, int, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.layers = list(layers)
+        self.by_name = {layer.name: layer for layer in self.layers}
+        self._evaluate = evaluate
+        self.baseline = dict(baseline)
+        self.budget = budget
+        # The loss the search aims at on the search subset; the pipeline tightens it when
+        # tuples verified on the subset fail on the full set (subset optimism).
+        self.target = budget
+        self.loss_mode = loss_mode
+        self.time_budget = time_budget
+        self.max_scorings = max_scorings
+        self.progress = progress or (lambda stage, done, total, message: None)
+        self._clock = clock
+        self._start = clock()
+        self.scorings = 0
+        self.scorings_by_stage: dict[str, int] = {}
+        self.explored: list[Explored] = []
+        self.stopped_by = "converged"
+        self._memo: dict[tuple[str, tuple[tuple[str, int], ...]], float] = {}
+        self.total_full_bits = sum(layer.full_bits for layer in self.layers)
+
+    # -- sizes -------------------------------------------------------------------------
+    def size_bits(self, tup: Mapping[str, int]) -> int:
+        """Stored bits of the shared tensors for a tuple (layers absent stay unshared)."""
+        return sum(
+            layer.option(tup[layer.name]).size_bits if layer.name in tup else layer.full_bits
+            for layer in self.layers
+        )
+
+    def ratio(self, tup: Mapping[str, int]) -> float:
+        """Theoretical CR over the shared tensors (DESIGN.md)."""
+        return self.total_full_bits / max(self.size_bits(tup), 1)
+
+    # -- budgets -----------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return self._clock() - self._start
+
+    def remaining_scorings(self) -> int | None:
+        return None if self.max_scorings is None else max(self.max_scorings - self.scorings, 0)
+
+    def check_budget(self, wanted: int = 1) -> None:
+        """Raise BudgetExhausted if ``wanted`` more scorings would break a budget."""
+        if self.max_scorings is not None and self.scorings + wanted > self.max_scorings:
+            self.stopped_by = "max_scorings"
+            raise BudgetExhausted
+        if self.time_budget is not None and self.elapsed() >= self.time_budget:
+            self.stopped_by = "time_budget"
+            raise BudgetExhausted
+
+    def can_score(self, wanted: int = 1) -> bool:
+        try:
+            self.check_budget(wanted)
+        except BudgetExhausted:
+            return False
+        return True
+
+    # -- evaluation --------------------------------------------------------------------
+    @staticmethod
+    def key(tup: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
+        return tuple(sorted(tup.items()))
+
+    def known(self, tup: Mapping[str, int], subset: str = "search") -> float | None:
+        """Loss already measured for this tuple in this run, or None."""
+        return self._memo.get((subset, self.key(tup)))
+
+    def losses(
+        self,
+        tuples: Sequence[Mapping[str, int]],
+        subset: str = "search",
+        stage: str = "network",
+        predicted: Sequence[float | None] | None = None,
+        *,
+        force: bool = False,
+    ) -> list[float]:
+        """Measured losses of tuples (budget unit). Repeats within the run are free.
+
+        Raises BudgetExhausted (before scoring anything) if the batch would break a budget,
+        unless ``force`` (used by the final verification, which must happen).
+        """
+        todo = [dict(t) for t in tuples if (subset, self.key(t)) not in self._memo]
+        unique: dict[tuple, dict] = {}
+        for tup in todo:
+            unique.setdefault(self.key(tup), tup)
+        if unique:
+            if not force:
+                self.check_budget(len(unique))
+            values = self._evaluate(list(unique.values()), subset)
+            self.scorings += len(unique)
+            self.scorings_by_stage[stage] = self.scorings_by_stage.get(stage, 0) + len(unique)
+            predicted_by_key = {}
+            if predicted is not None:
+                predicted_by_key = {self.key(t): p for t, p in zip(tuples, predicted)}
+            for (key, tup), value in zip(unique.items(), values):
+                loss = loss_between(self.baseline[subset], value, self.loss_mode)
+                self._memo[(subset, key)] = loss
+                self.explored.append(Explored(tup, self.ratio(tup), loss, subset, stage, predicted_by_key.get(key)))
+        return [self._memo[(subset, self.key(t))] for t in tuples]

@@ -1,0 +1,225 @@
+"""Metrics: what a score is. Higher is better, one float per evaluation of the whole (sub)set.
+
+Built in: top-1 accuracy against integer labels ``y``, and top-1 agreement with the
+uncompressed model (when the data has no labels). Anything else is a user function
+``package.module:function(outputs, data) -> float``.
+
+Metric functions are small picklable callables (no closures), so a process pool or a Ray
+actor can receive them when scoring is scaled out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxws.data import LABELS, EvalData
+from onnxws.errors import InputError, OnnxwsError
+
+logger = logging.getLogger(__name__)
+
+TOP1_ACCURACY = "top1_accuracy"
+TOP1_AGREEMENT = "top1_agreement"
+REFERENCE_PREFIX = "reference:"
+
+
+def reference_key(output_name: str) -> str:
+    """Key under which the scorer passes the uncompressed model's output ``output_name`` to a metric."""
+    return REFERENCE_PREFIX + output_name
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric: ``fn(outputs, data) -> float``, higher is better.
+
+    Attributes:
+        name: ``top1_accuracy``, ``top1_agreement`` or ``module:function``.
+        fn: called with the model outputs (each concatenated along the batch axis, in
+            model-output order) and the data arrays of the evaluated (sub)set; when
+            ``needs_reference``, ``data`` also holds the uncompressed model's outputs under
+            ``reference_key(output_name)``.
+        needs_reference: compares with the uncompressed model's outputs.
+        output: the model output a built-in metric reads (None for custom metrics).
+    """
+
+    name: str
+    fn: Callable[[list[np.ndarray], dict[str, np.ndarray]], float]
+    needs_reference: bool = False
+    output: str | None = None
+
+    def identity(self) -> str:
+        """What the score cache keys on: name, output and, for custom metrics, a hash of the code."""
+        code = getattr(self.fn, "code_hash", "")
+        return f"{self.name}|{self.output or ''}|{code}"
+
+
+def _as_logits(out: np.ndarray, output_name: str) -> np.ndarray:
+    """Output ``[n, C]`` (singleton axes after the first squeezed away) for a top-1 metric."""
+    arr = np.asarray(out)
+    if arr.ndim >= 2:
+        kept = [arr.shape[0]] + [d for d in arr.shape[1:] if d != 1]
+        if len(kept) == 1:
+            kept.append(1)
+        arr = arr.reshape(kept)
+    if arr.ndim != 2:
+        raise InputError(
+            f"output {output_name!r} has shape {tuple(out.shape)}; top-1 metrics need [samples, classes]: "
+            "pick a classification output with --output or pass --metric module:function"
+        )
+    return arr
+
+
+def _check_labels(labels: np.ndarray, width: int, output_name: str) -> None:
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= width:
+        raise InputError(
+            f"labels y span [{lo}, {hi}] but output {output_name!r} has {width} classes (expected 0..{width - 1}); "
+            "check the labels or choose the classification output with --output"
+        )
+
+
+@dataclass(frozen=True)
+class Top1Accuracy:
+    """Fraction of samples whose arg-max over output ``index`` equals ``data['y']``."""
+
+    index: int
+    output_name: str
+
+    def __call__(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> float:
+        logits = _as_logits(outputs[self.index], self.output_name)
+        labels = data[LABELS]
+        _check_labels(labels, logits.shape[1], self.output_name)
+        if len(labels) != len(logits):
+            raise InputError(f"output {self.output_name!r} has {len(logits)} rows for {len(labels)} labels")
+        return float(np.mean(logits.argmax(axis=1) == labels))
+
+
+@dataclass(frozen=True)
+class Top1Agreement:
+    """Fraction of samples whose arg-max over output ``index`` equals the uncompressed model's."""
+
+    index: int
+    output_name: str
+
+    def __call__(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> float:
+        logits = _as_logits(outputs[self.index], self.output_name)
+        reference = _as_logits(data[reference_key(self.output_name)], self.output_name)
+        return float(np.mean(logits.argmax(axis=1) == reference.argmax(axis=1)))
+
+
+@dataclass(frozen=True)
+class CustomMetric:
+    """A user function ``module:function``; checks that it returns a finite float."""
+
+    spec: str
+    function: Callable[[list[np.ndarray], dict[str, np.ndarray]], object]
+    code_hash: str = ""
+
+    def __call__(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> float:
+        try:
+            value = self.function(outputs, data)
+        except OnnxwsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's code: name it, keep the cause
+            raise InputError(f"metric {self.spec} raised {type(exc).__name__}: {exc}") from exc
+        try:
+            result = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"metric {self.spec} returned {value!r} ({type(value).__name__}); it must return a float, higher is better") from exc
+        if not math.isfinite(result):
+            raise InputError(f"metric {self.spec} returned {result}; it must return a finite float, higher is better")
+        return result
+
+    def __reduce__(self):  # re-import by name in another process instead of pickling the function
+        return (_load_custom, (self.spec,))
+
+
+def _code_hash(fn: Callable) -> str:
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ""
+    digest = hashlib.sha256(code.co_code)
+    digest.update(repr(code.co_consts).encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_custom(spec: str) -> CustomMetric:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"--metric {spec!r}: expected package.module:function, top1_accuracy or top1_agreement")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's module, say which
+        raise InputError(f"--metric {spec}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); make it importable (install it or add its folder to PYTHONPATH)") from exc
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise InputError(f"--metric {spec}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise InputError(f"--metric {spec}: {attr!r} is a {type(fn).__name__}, not a function(outputs, data) -> float")
+    return CustomMetric(spec, fn, _code_hash(fn))
+
+
+def _static_width(model: onnx.ModelProto, index: int) -> int | None:
+    """Class count of output ``index`` from its declared shape, if every non-batch dim is fixed."""
+    tensor = model.graph.output[index].type.tensor_type
+    if not tensor.HasField("shape") or len(tensor.shape.dim) < 2:
+        return None
+    dims = []
+    for d in tensor.shape.dim[1:]:
+        if not d.HasField("dim_value"):
+            return None
+        dims.append(d.dim_value)
+    wide = [d for d in dims if d != 1]
+    if len(wide) > 1:
+        return None
+    return wide[0] if wide else 1
+
+
+def resolve_metric(spec: str | None, data: EvalData, model: onnx.ModelProto, output: str | None = None) -> Metric:
+    """Pick the metric for a run.
+
+    Args:
+        spec: None (top-1 accuracy if the data has labels ``y``, else top-1 agreement with
+            the uncompressed model), ``top1_accuracy``, ``top1_agreement`` or
+            ``package.module:function``.
+        data: the evaluation data (labels are checked here).
+        model: the model whose outputs the metric reads.
+        output: the output built-in metrics read (default: the first).
+
+    Raises:
+        InputError: unknown output; accuracy without labels; labels out of range of the
+            output width; a custom metric that cannot be imported or is not callable.
+    """
+    out_names = [o.name for o in model.graph.output]
+    if not out_names:
+        raise InputError("the model has no graph outputs: nothing to measure")
+    if output is not None and output not in out_names:
+        raise InputError(f"--output {output!r} is not a model output; outputs are {out_names}")
+    index = out_names.index(output) if output is not None else 0
+    name = out_names[index]
+    if spec is None:
+        spec = TOP1_ACCURACY if data.labels is not None else TOP1_AGREEMENT
+    if spec == TOP1_ACCURACY:
+        if data.labels is None:
+            raise InputError("metric top1_accuracy needs integer labels 'y' in the data; add them, or omit --metric to measure top-1 agreement with the uncompressed model")
+        width = _static_width(model, index)
+        if width is not None:
+            _check_labels(data.labels, width, name)
+        metric = Metric(TOP1_ACCURACY, Top1Accuracy(index, name), False, name)
+    elif spec == TOP1_AGREEMENT:
+        metric = Metric(TOP1_AGREEMENT, Top1Agreement(index, name), True, name)
+    elif ":" in spec:
+        metric = Metric(spec, _load_custom(spec))
+    else:
+        raise InputError(f"--metric {spec!r}: expected top1_accuracy, top1_agreement or package.module:function")
+    logger.info("metric: %s%s", metric.name, f" on output {metric.output!r}" if metric.output else "")
+    return metric

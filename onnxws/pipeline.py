@@ -1,0 +1,451 @@
+"""The pipeline of ``onnxws compress`` as a Python API: load, cluster, score, explore, emit, verify.
+
+``compress(model, data, loss=1.0, **options) -> Result``. No printing: progress goes through
+an optional callback ``(stage, done, total, message)`` and the ``logging`` module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxws import __version__
+from onnxws.cache import ScoreCache
+from onnxws.clustering import share_weight_all_k
+from onnxws.config import CompressConfig
+from onnxws.data import EvalData, find_sidecar_data, load_data
+from onnxws.discovery import Discovery, constant_tensors, find_weights, weight_values
+from onnxws.encoding import EncodeResult, decoded_weights, encode_model, model_weight_bytes
+from onnxws.errors import BudgetError, InputError, NothingToShareError, VerificationError
+from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_unit, within_budget
+from onnxws.layer_search import layer_sensitivity
+from onnxws.loading import check_model, load_model, model_sha256
+from onnxws.metrics import resolve_metric
+from onnxws.network_search import (
+    exhaustive_continue,
+    exhaustive_search,
+    greedy_search,
+    predictor_search,
+    uniform_baseline,
+    verify_full,
+)
+from onnxws.evaluation import evaluate_model
+from onnxws.scoring import Scorer
+from onnxws.sharing import SharedWeight, index_bits
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int, str], None]
+# The emitted model's full-set metric must match the scorer's figure for the same tuple within this (pp).
+TRUST_TOLERANCE_PP = 0.1
+
+
+@dataclass
+class Result:
+    """Outcome of ``compress``: the compressed model and its report."""
+
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    config: CompressConfig
+    source_bytes: int = 0
+    shared: list[SharedWeight] = field(default_factory=list)
+
+    def save(self, path: str | Path, *, report_dir: str | Path | None = None, force: bool = False,
+             write_report: bool = True) -> Path:
+        """Write the model atomically, then (by default) the report folder beside it.
+
+        Returns the report folder (or the model path when ``write_report`` is False).
+        """
+        from onnxws.loading import save_model_atomic
+        from onnxws.report import write_report as _write_report
+
+        path = Path(path)
+        size = save_model_atomic(self.model, path, force=force)
+        self._fill_file_sizes(size, path)
+        if not write_report:
+            return path
+        folder = Path(report_dir) if report_dir is not None else path.with_name(path.name.removesuffix(".onnx") + ".report")
+        _write_report(self.report, folder, config_toml=self.config.to_toml())
+        return folder
+
+    def _fill_file_sizes(self, size: int, path: Path) -> None:
+        comp = self.report["compression"]
+        comp["bytes_after"] = int(size)
+        comp["ratio_file"] = comp["bytes_before"] / max(size, 1)
+        self.report["output"] = {"path": str(path), "bytes": int(size)}
+
+
+def compress(
+    model: str | Path | onnx.ModelProto,
+    data: str | Path | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
+    loss: float | None = None,
+    *,
+    config: CompressConfig | None = None,
+    cache: str | Path | bool | None = None,
+    progress: ProgressFn | None = None,
+    **options: Any,
+) -> Result:
+    """Compress a model by weight sharing within an accuracy-loss budget.
+
+    Args:
+        model: path to an .onnx file, or a ModelProto (not modified).
+        data: evaluation data: .npz path, dict of arrays, or iterable of batch dicts; None
+            uses the sidecar ``<stem>.npz`` / ``eval.npz`` beside a model path.
+        loss: loss budget (overrides ``config.loss``), percentage points by default.
+        config: a CompressConfig (layered settings); ``options`` override its fields.
+        cache: score-cache path, True/None for the default location, False to disable.
+        progress: callback ``(stage, done, total, message)``.
+
+    Raises:
+        InputError, NothingToShareError, BudgetError, VerificationError (all OnnxwsError).
+    """
+    overrides = dict(options)
+    if loss is not None:
+        overrides["loss"] = loss
+    if config is None:
+        config = CompressConfig.from_dict({}, **overrides)
+    elif overrides:
+        config = _override(config, overrides)
+    notify = progress or (lambda stage, done, total, message: None)
+    timings: dict[str, float] = {}
+    t_total = time.perf_counter()
+
+    # 1. Load ------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    model_path: Path | None = None
+    if isinstance(model, (str, Path)):
+        model_path = Path(model)
+        proto = load_model(model_path)
+        bytes_before = _file_bytes(model_path, proto)
+    elif isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        check_model(proto)
+        bytes_before = proto.ByteSize()
+    else:
+        raise InputError(f"model must be a path or onnx.ModelProto, got {type(model).__name__}")
+    if data is None:
+        if model_path is None:
+            raise InputError("no evaluation data: pass data= (a .npz path, a dict of arrays or an iterable of batches)")
+        data = find_sidecar_data(model_path)
+    data_path = str(data) if isinstance(data, (str, Path)) else None
+    eval_data = load_data(data, proto)
+    metric = resolve_metric(config.metric, eval_data, proto, config.output)
+    tensors = constant_tensors(proto)
+    op_types = {node.op_type for node in proto.graph.node}
+    config.check_patterns(list(tensors), op_types)
+    discovery = find_weights(proto, config.settings_for)
+    if not discovery.weights:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in discovery.skipped[:3]) or "no float constant tensors"
+        raise NothingToShareError(f"the model has no shareable weight tensor ({reasons})")
+    timings["load"] = time.perf_counter() - t0
+
+    # 2. Cluster ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    shares: dict[str, dict[int, SharedWeight]] = {}
+    layers: list[Layer] = []
+    for i, info in enumerate(discovery.weights):
+        notify("cluster", i, len(discovery.weights), info.name)
+        settings = config.settings_for(info.name, info.op_type)
+        ks = sorted({min(2 ** b, settings.k_max) for b in settings.bits})
+        values = weight_values(proto, info.name)
+        by_k = share_weight_all_k(info.name, values, ks, settings.granularity, info.channel_axis)
+        shares[info.name] = by_k
+        cb_bits = _dtype_bits(info.dtype)
+        options_ = [Option(k, index_bits(k), sw.stored_bits(cb_bits), float(sw.inertia)) for k, sw in sorted(by_k.items())]
+        layers.append(Layer(info.name, info.params, info.params * cb_bits, options_))
+    notify("cluster", len(discovery.weights), len(discovery.weights), "done")
+    timings["cluster"] = time.perf_counter() - t0
+
+    # 3. Scorer ----------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    score_cache = _open_cache(cache)
+    scorer = Scorer(proto, [w.name for w in discovery.weights], eval_data, metric, device=config.device,
+                    search_samples=config.search_samples, batch_size=config.batch_size, cache=score_cache)
+    try:
+        def evaluate(tuples: list[dict[str, int]], subset: str) -> list[float]:
+            candidates = [{name: shares[name][k].decode() for name, k in tup.items()} for tup in tuples]
+            return scorer.score(candidates, subset)
+
+        baseline = {"search": scorer.baseline_search, "full": scorer.baseline_full}
+        ctx = SearchContext(layers, evaluate, baseline, config.loss, config.loss_mode,
+                            time_budget=config.time_budget, max_scorings=config.max_scorings, progress=notify)
+        timings["setup"] = time.perf_counter() - t0
+
+        # 4. Layer stage ---------------------------------------------------------------------
+        t0 = time.perf_counter()
+        proxy_stats = layer_sensitivity(ctx)
+        timings["layer"] = time.perf_counter() - t0
+
+        # 5. Uniform baseline (what users would otherwise do) --------------------------------
+        t0 = time.perf_counter()
+        widths = sorted(set().union(*(config.settings_for(w.name, w.op_type).bits for w in discovery.weights)))
+        uniform_tuple, uniform_tried = uniform_baseline(ctx, widths)
+        uniform_full = None
+        if uniform_tuple is not None:
+            uniform_full = ctx.losses([uniform_tuple], "full", stage="uniform", force=True)[0]
+        timings["uniform"] = time.perf_counter() - t0
+
+        # 6. Network stage + full-set verification with step-back ----------------------------
+        t0 = time.perf_counter()
+        outcome, chosen, verify_log = _search_and_verify(ctx, config, uniform_tuple, uniform_full)
+        timings["network"] = time.perf_counter() - t0 - sum(t for _, _, _, t in verify_log)
+        timings["verify"] = sum(t for _, _, _, t in verify_log)
+        if chosen is None:
+            smallest = min((e.loss_measured for e in ctx.explored if e.subset == "full"), default=None)
+            if smallest is None:
+                smallest = min((e.loss_measured for e in ctx.explored), default=math.nan)
+            raise BudgetError(
+                f"no layer can be shared within the loss budget of {config.loss:g} {loss_unit(config.loss_mode)}: "
+                f"the smallest loss found was {smallest:.3f}; raise --loss or check the evaluation data"
+            )
+
+        # 7. Emit, then trust but verify ------------------------------------------------------
+        t0 = time.perf_counter()
+        shared = [shares[name][k] for name, k in chosen.items()]
+        encoded = encode_model(proto, shared, opset=config.opset)
+        check_model(encoded.model, "emitted model")
+        _check_rebuilt_weights(encoded, shared)
+        emitted_value = evaluate_model(encoded.model, eval_data, metric, device=config.device,
+                                       batch_size=config.batch_size, reference=scorer)
+        scorer_value = baseline["full"] - ctx.known(chosen, "full") / 100.0 * (1 if config.loss_mode == "absolute" else abs(baseline["full"]))
+        drift_pp = abs(emitted_value - scorer_value) * 100.0
+        if drift_pp > TRUST_TOLERANCE_PP:
+            raise VerificationError(
+                f"the emitted model measures {emitted_value:.4f} on the full set but the scorer measured {scorer_value:.4f} "
+                f"for the same tuple ({drift_pp:.2f} pp apart > {TRUST_TOLERANCE_PP} pp): refusing to write a model that differs from what was scored"
+            )
+        final_loss = loss_between(baseline["full"], emitted_value, config.loss_mode)
+        if not within_budget(final_loss, config.loss):
+            raise VerificationError(f"the emitted model loses {final_loss:.3f} {loss_unit(config.loss_mode)} > budget {config.loss:g}")
+        timings["emit"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_total
+
+        report = _build_report(
+            proto=proto, model_path=model_path, data_path=data_path, eval_data=eval_data, metric=metric.name,
+            scorer=scorer, ctx=ctx, config=config, discovery=discovery, shares=shares, chosen=chosen,
+            encoded=encoded, emitted_value=emitted_value, scorer_value=scorer_value, final_loss=final_loss,
+            bytes_before=bytes_before, timings=timings, outcome=outcome, uniform=(uniform_tuple, uniform_full, uniform_tried),
+            proxy_stats=proxy_stats, verify_log=verify_log,
+        )
+    finally:
+        scorer.close()
+    return Result(encoded.model, report, config, bytes_before, shared)
+
+
+def _override(config: CompressConfig, overrides: dict[str, Any]) -> CompressConfig:
+    """A copy of ``config`` with run options replaced (validated again by the dataclass)."""
+    return dataclasses.replace(config, **overrides)
+
+
+def _file_bytes(path: Path, proto: onnx.ModelProto) -> int:
+    """Bytes of the model file plus its external data files."""
+    size = path.stat().st_size
+    seen = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                data_file = path.parent / entry.value
+                if data_file.exists():
+                    size += data_file.stat().st_size
+    return size
+
+
+def _dtype_bits(dtype: str) -> int:
+    return 16 if dtype in ("float16", "bfloat16") else 32
+
+
+def _open_cache(cache: str | Path | bool | None) -> ScoreCache | None:
+    if cache is False:
+        return None
+    if cache is None or cache is True:
+        return ScoreCache(ScoreCache.default_path())
+    return ScoreCache(Path(cache))
+
+
+def _search_and_verify(ctx: SearchContext, config: CompressConfig, uniform_tuple, uniform_full):
+    """Run the strategy, verify its best tuples on the full set, tighten the target if they fail."""
+    verify_log: list[tuple[dict, float | None, float, float]] = []
+    outcome = None
+    chosen = None
+    rejected: set = set()
+    for attempt in range(3):
+        if config.strategy == "predictor":
+            outcome = predictor_search(ctx, seed=config.seed)
+        elif config.strategy == "greedy":
+            outcome = greedy_search(ctx)
+        else:
+            outcome = exhaustive_search(ctx) if attempt == 0 else outcome
+        ranked = [t for t in outcome.feasible if SearchContext.key(t) not in rejected]
+        if config.strategy == "exhaustive" and attempt > 0:
+            nxt = exhaustive_continue(ctx, rejected)
+            ranked = [nxt] if nxt else []
+        t0 = time.perf_counter()
+        found, tried = verify_full(ctx, ranked, max_tries=3)
+        elapsed = time.perf_counter() - t0
+        for i, (tup, search_loss, full_loss) in enumerate(tried):
+            verify_log.append((tup, search_loss, full_loss, elapsed if i == 0 else 0.0))
+            if not within_budget(full_loss, ctx.budget):
+                rejected.add(SearchContext.key(tup))
+        if found is not None:
+            chosen = found
+            break
+        if not tried:
+            break
+        # Subset optimism: aim lower on the search subset by the gap just observed.
+        gaps = [full - search for _, search, full in tried if search is not None]
+        if gaps:
+            ctx.target = min(ctx.target, ctx.budget - max(max(gaps), 0.0))
+        if ctx.target <= 0 or not ctx.can_score():
+            break
+    if uniform_tuple is not None and uniform_full is not None and within_budget(uniform_full, ctx.budget):
+        if chosen is None or ctx.ratio(uniform_tuple) > ctx.ratio(chosen):
+            chosen = uniform_tuple
+    return outcome, chosen, verify_log
+
+
+def _check_rebuilt_weights(encoded: EncodeResult, shared: list[SharedWeight]) -> None:
+    rebuilt = decoded_weights(encoded.model, [sw.name for sw in shared])
+    for sw in shared:
+        expected = sw.decode()
+        got = rebuilt[sw.name]
+        if got.shape != expected.shape or got.dtype != expected.dtype or not np.array_equal(
+            got.view(np.uint8), expected.view(np.uint8)
+        ):
+            raise VerificationError(f"the emitted graph rebuilds {sw.name} differently from the weights that were scored")
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {"onnxws": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _build_report(*, proto, model_path, data_path, eval_data: EvalData, metric: str, scorer: Scorer,
+                  ctx: SearchContext, config: CompressConfig, discovery: Discovery, shares, chosen,
+                  encoded: EncodeResult, emitted_value: float, scorer_value: float, final_loss: float,
+                  bytes_before: int, timings: dict, outcome, uniform, proxy_stats, verify_log) -> dict:
+    mode = config.loss_mode
+    unit = loss_unit(mode)
+    info_by_name = {w.name: w for w in discovery.weights}
+    layer_by_name = {layer.name: layer for layer in ctx.layers}
+    enc_by_name = {t.name: t for t in encoded.tensors}
+
+    shared_full_bits = sum(layer_by_name[n].full_bits for n in chosen)
+    shared_stored_bits = sum(layer_by_name[n].option(k).size_bits for n, k in chosen.items())
+    ratio_shared = shared_full_bits / max(shared_stored_bits, 1)
+    all_bits = 8 * model_weight_bytes(proto)
+    ratio_whole = all_bits / max(all_bits - shared_full_bits + shared_stored_bits, 1)
+    weight_bytes_after = model_weight_bytes(encoded.model)
+    packing = (all_bits / 8 / max(weight_bytes_after, 1)) / ratio_whole
+    bytes_after = encoded.model.ByteSize()
+    stored_total = sum(t.stored_bytes for t in encoded.tensors) or 1
+
+    layers = []
+    for layer in ctx.layers:
+        info = info_by_name[layer.name]
+        k = chosen.get(layer.name)
+        enc = enc_by_name.get(layer.name)
+        candidates = [{"k": opt.k, "bits": opt.bits, "loss": layer.loss_alone.get(opt.k),
+                       "source": layer.loss_source.get(opt.k), "candidate": opt.k in layer.candidates}
+                      for opt in layer.options]
+        layers.append({
+            "name": layer.name, "op_type": info.op_type, "shape": list(info.shape), "params": info.params,
+            "dtype": info.dtype, "source": info.source,
+            "k": k, "bits": index_bits(k) if k else None,
+            "index_dtype": enc.index_dtype if enc else "unshared",
+            "granularity": str(shares[layer.name][k].granularity) if k else None,
+            "n_codebooks": shares[layer.name][k].n_codebooks if k else None,
+            "loss_alone": layer.loss_alone.get(k) if k else None,
+            "stored_bytes": enc.stored_bytes if enc else info.params * _dtype_bits(info.dtype) // 8,
+            "share_of_size": (enc.stored_bytes / stored_total) if enc else None,
+            "candidates": candidates,
+        })
+    uniform_tuple, uniform_full, uniform_tried = uniform
+    uniform_report = None
+    if uniform_tuple is not None and uniform_full is not None:
+        ks = sorted(set(uniform_tuple.values()))
+        uniform_report = {
+            "k": ks[0] if len(ks) == 1 else max(ks), "bits": index_bits(max(ks)),
+            "ratio_theoretical": ctx.ratio(uniform_tuple), "loss": uniform_full,
+            "loss_search": ctx.known(uniform_tuple), "within_budget": within_budget(uniform_full, config.loss),
+            "value": ctx.baseline["full"] - uniform_full / 100.0 if mode == "absolute" else None,
+            "tried": {str(k): v for k, v in uniform_tried.items()},
+        }
+    pareto = [{"k": tup, "ratio": ratio, "loss_predicted": pred, "loss_measured": ctx.known(tup)}
+              for tup, ratio, pred in (outcome.front if outcome else [])]
+    explored = [{"k": e.k, "ratio": e.ratio, "loss_predicted": e.loss_predicted, "loss_measured": e.loss_measured,
+                 "stage": e.stage, "subset": e.subset} for e in ctx.explored]
+    stats = scorer.stats() if hasattr(scorer, "stats") else {}
+    report = {
+        "onnxws_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model": {"path": str(model_path) if model_path else None, "sha256": model_sha256(proto),
+                  "opset": _opset(proto), "params_total": int(all_bits // 32),
+                  "params_shared": int(sum(info_by_name[n].params for n in chosen))},
+        "data": {"path": data_path, "n_full": scorer.n_full, "n_search": scorer.n_search,
+                 "fingerprint": eval_data.fingerprint()},
+        "metric": metric,
+        "device": scorer.provider,
+        "engine": scorer.engine,
+        "budget": {"loss": config.loss, "mode": mode, "unit": unit},
+        "baseline": {"value": ctx.baseline["full"], "value_search": ctx.baseline["search"]},
+        "final": {"value": emitted_value, "value_search": ctx.baseline["search"] - _to_fraction(ctx.known(chosen), ctx.baseline["search"], mode),
+                  "loss": final_loss, "loss_unit": unit, "loss_search": ctx.known(chosen),
+                  "value_scorer_full": scorer_value, "k": dict(chosen)},
+        "compression": {"ratio_theoretical": ratio_shared, "ratio_whole_theoretical": ratio_whole,
+                        "ratio_file": bytes_before / max(bytes_after, 1), "packing_efficiency": packing,
+                        "bytes_before": int(bytes_before), "bytes_after": int(bytes_after),
+                        "weight_bytes_before": int(all_bits // 8), "weight_bytes_after": int(weight_bytes_after),
+                        "graph_overhead_bytes": int(bytes_after - weight_bytes_after)},
+        "uniform_baseline": uniform_report,
+        "layers": layers,
+        "skipped": [{"name": s.name, "reason": s.reason, "op_type": s.op_type, "shape": list(s.shape),
+                     "params": s.params, "dtype": s.dtype} for s in discovery.skipped],
+        "exploration": {
+            "strategy": config.strategy,
+            "scorings": ctx.scorings,
+            "scorings_run": int(stats.get("scorings_run", scorer.scorings_run)),
+            "scorings_cached": int(stats.get("scorings_cached", scorer.scorings_cached)),
+            "scorings_by_stage": dict(ctx.scorings_by_stage),
+            "seconds": {k: round(v, 4) for k, v in timings.items()},
+            "stopped_by": ctx.stopped_by,
+            "predictor": outcome.predictor if outcome else None,
+            "proxy": proxy_stats,
+            "search_target": ctx.target,
+            "verification": [{"k": t, "loss_search": s, "loss_full": f} for t, s, f, _ in verify_log],
+            "pareto": pareto,
+            "explored": explored,
+            "chosen": {"k": dict(chosen), "ratio": ratio_shared},
+        },
+        "encoding": {"opset": encoded.opset, "notes": list(encoded.notes)},
+        "config": config.to_dict(),
+        "versions": _versions(),
+    }
+    return report
+
+
+def _to_fraction(loss: float | None, baseline: float, mode: str) -> float:
+    if loss is None:
+        return math.nan
+    return loss / 100.0 if mode == "absolute" else loss / 100.0 * abs(baseline)
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    for op in proto.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 0

@@ -1,0 +1,23 @@
+"""Shared fixtures: the shipped LeNet-5 copied to a temporary folder (the input is never touched)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LENET = ROOT / "models" / "lenet5"
+sys.path.insert(0, str(Path(__file__).parent))  # tests/graphs.py
+
+
+@pytest.fixture
+def lenet_dir(tmp_path: Path) -> Path:
+    """A folder holding model.onnx and eval.npz copied from models/lenet5."""
+    folder = tmp_path / "lenet5"
+    folder.mkdir()
+    for name in ("model.onnx", "eval.npz"):
+        shutil.copy(LENET / name, folder / name)
+    return folder

@@ -1,0 +1,150 @@
+"""The command line end to end on the shipped LeNet-5 and on small graphs: outputs, reports, exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from graphs import lenet_like
+from onnxws.cli import app
+from onnxws.encoding import decoded_weights
+
+runner = CliRunner()
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_compress_shipped_lenet_within_budget(lenet_dir):
+    model = lenet_dir / "model.onnx"
+    before = sha(model)
+    result = runner.invoke(app, ["compress", str(model), "--loss", "1", "--no-cache", "--quiet"])
+    assert result.exit_code == 0, result.output
+    out = lenet_dir / "model.ws.onnx"
+    folder = lenet_dir / "model.ws.report"
+    assert sha(model) == before  # input untouched
+    for name in ("report.json", "report.html", "config.toml", "pareto.png", "sensitivity.png"):
+        assert (folder / name).exists(), name
+    report = json.loads((folder / "report.json").read_text())
+    for key in ("value",):
+        assert 0 <= report["baseline"][key] <= 1 and 0 <= report["final"][key] <= 1
+    final = report["final"]
+    assert final["loss_unit"] == "pp" and final["loss"] <= 1.0
+    assert final["loss"] == pytest.approx((report["baseline"]["value"] - final["value"]) * 100)
+    comp = report["compression"]
+    assert comp["ratio_theoretical"] > report["uniform_baseline"]["ratio_theoretical"]
+    assert comp["ratio_file"] == pytest.approx(comp["bytes_before"] / out.stat().st_size)
+    assert comp["packing_efficiency"] >= 0.95
+    exploration = report["exploration"]
+    assert exploration["scorings"] == exploration["scorings_run"] + exploration["scorings_cached"]
+    assert exploration["stopped_by"] in ("converged", "time_budget", "max_scorings")
+    for key in ("name", "op_type", "shape", "params", "k", "bits", "index_dtype", "granularity", "loss_alone"):
+        assert all(key in layer for layer in report["layers"])
+    emitted = onnx.load(str(out))
+    onnx.checker.check_model(emitted, full_check=True)
+    # the file holds narrow index tensors, and its rebuilt weights take at most k values each
+    rebuilt = decoded_weights(emitted, [layer["name"] for layer in report["layers"] if layer["k"]])
+    for layer in report["layers"]:
+        if layer["k"]:
+            assert len(np.unique(rebuilt[layer["name"]])) <= layer["k"]
+    # `onnxws evaluate` on the emitted file gives the report's final figure
+    result = runner.invoke(app, ["evaluate", str(out), "--data", str(lenet_dir / "eval.npz"), "--json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)
+    assert measured["metric"] == "top1_accuracy" and measured["value"] == pytest.approx(final["value"], abs=1e-9)
+    # existing output without --force: exit 1, nothing replaced
+    stamp = sha(out)
+    result = runner.invoke(app, ["compress", str(model), "--no-cache", "--quiet"])
+    assert result.exit_code == 1 and "--force" in result.output
+    assert sha(out) == stamp
+
+
+def test_same_inputs_same_bytes(lenet_dir, tmp_path):
+    """Determinism: two runs (cold and warm cache, different -o) write byte-identical models."""
+    model = lenet_dir / "model.onnx"
+    cache = tmp_path / "cache"
+    outs = []
+    for name in ("a.onnx", "b.onnx"):
+        out = tmp_path / name
+        result = runner.invoke(app, ["compress", str(model), "-o", str(out), "--cache", str(cache), "--quiet",
+                                     "--search-samples", "1000", "--max-scorings", "40"])
+        assert result.exit_code == 0, result.output
+        outs.append(out)
+    assert sha(outs[0]) == sha(outs[1])
+    first = json.loads((tmp_path / "a.report" / "report.json").read_text())
+    second = json.loads((tmp_path / "b.report" / "report.json").read_text())
+    assert second["exploration"]["scorings_cached"] == second["exploration"]["scorings"]
+    assert first["final"] == second["final"] and first["layers"] == second["layers"]
+
+
+def test_json_output(lenet_dir, tmp_path):
+    result = runner.invoke(app, ["compress", str(lenet_dir / "model.onnx"), "-o", str(tmp_path / "o.onnx"),
+                                 "--no-cache", "--json", "--max-scorings", "30", "--search-samples", "500"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["exploration"]["scorings"] <= 30 + 3  # the full-set verification and uniform check are forced
+    assert summary["final"]["loss"] <= 1.0
+
+
+def _write(tmp_path, model, data=None, name="m.onnx"):
+    path = tmp_path / name
+    path.write_bytes(model.SerializeToString())
+    if data is not None:
+        np.savez(tmp_path / "m.npz", **data)
+    return path
+
+
+def test_exit_codes(tmp_path):
+    from graphs import labelled_data
+
+    model = lenet_like()
+    path = _write(tmp_path, model, labelled_data(model))
+    # missing path: usage error 2
+    assert runner.invoke(app, ["compress", str(tmp_path / "nope.onnx")]).exit_code == 2
+    # unknown option: 2
+    assert runner.invoke(app, ["compress", str(path), "--bogus"]).exit_code == 2
+    # invalid value: 2
+    assert runner.invoke(app, ["compress", str(path), "--loss", "-1", "--no-cache"]).exit_code == 2
+    # output equal to input: 2
+    result = runner.invoke(app, ["compress", str(path), "-o", str(path), "--no-cache"])
+    assert result.exit_code == 2 and "input" in result.output
+    # corrupt file: 1, one line, no traceback
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    result = runner.invoke(app, ["compress", str(bad), "--data", str(tmp_path / "m.npz"), "--no-cache"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    # --device cuda without a GPU: 1
+    result = runner.invoke(app, ["compress", str(path), "--device", "cuda", "--no-cache"])
+    assert result.exit_code == 1 and "GPU" in result.output
+    # no layer within budget (only k=1 allowed): 3, nothing written
+    config = tmp_path / "k1.toml"
+    config.write_text("[global]\nbits = [0]\nmin_params = 16\n")
+    result = runner.invoke(app, ["compress", str(path), "--config", str(config), "--no-cache", "--loss", "0.5"])
+    assert result.exit_code == 3, result.output
+    assert "smallest loss" in result.output and not (tmp_path / "m.ws.onnx").exists()
+
+
+def test_nothing_to_share_is_exit_1(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = _write(tmp_path, model, {"x": np.ones((3, 4), np.float32)})
+    result = runner.invoke(app, ["compress", str(path), "--no-cache"])
+    assert result.exit_code == 1 and "no shareable weight" in result.output
+
+
+def test_inspect_lists_shareable_and_skipped(lenet_dir):
+    result = runner.invoke(app, ["inspect", str(lenet_dir / "model.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["tensors"]
+    status = {r["name"]: r["status"] for r in rows}
+    assert status["net.fc1.weight"] == "shareable" and status["net.conv1.bias"] == "skipped"

@@ -1,0 +1,174 @@
+"""Metrics: top-1 accuracy and agreement worked out by hand, custom metrics, label checks."""
+
+from __future__ import annotations
+
+import pickle
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxws.data import load_data
+from onnxws.errors import InputError
+from onnxws.metrics import CustomMetric, Metric, reference_key, resolve_metric
+
+# Gemm with W = [[1, 0], [0, 1], [1, 1]] (transB): logits = [x0, x1, x0 + x1]; second output = -logits.
+W = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+
+
+def gemm_model(classes_dim: int | str = 3) -> onnx.ModelProto:
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["logits"], transB=1), helper.make_node("Neg", ["logits"], ["neg"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes_dim]),
+                               helper.make_tensor_value_info("neg", TensorProto.FLOAT, ["N", classes_dim])],
+                              [numpy_helper.from_array(W, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+X = np.array([[2, -1], [-1, 3], [1, 1], [-2, -3]], np.float32)
+# logits: [2,-1,1] -> 0 ; [-1,3,2] -> 1 ; [1,1,2] -> 2 ; [-2,-3,-5] -> 0
+# neg:    [-2,1,-1] -> 1 ; [1,-3,-2] -> 0 ; [-1,-1,-2] -> 0 (first max) ; [2,3,5] -> 2
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def test_top1_accuracy_by_hand():
+    model = gemm_model()
+    data = load_data({"x": X, "y": np.array([0, 1, 0, 0])}, model)
+    metric = resolve_metric(None, data, model)
+    assert metric.name == "top1_accuracy" and not metric.needs_reference and metric.output == "logits"
+    assert metric.fn(run(model, X), dict(data.arrays)) == pytest.approx(3 / 4)
+
+
+def test_top1_accuracy_on_named_output():
+    model = gemm_model()
+    data = load_data({"x": X, "y": np.array([1, 0, 0, 1])}, model)
+    metric = resolve_metric("top1_accuracy", data, model, output="neg")
+    assert metric.output == "neg"
+    assert metric.fn(run(model, X), dict(data.arrays)) == pytest.approx(3 / 4)  # neg argmax [1, 0, 0, 2]
+
+
+def test_top1_agreement_by_hand():
+    model = gemm_model()
+    data = load_data({"x": X}, model)
+    metric = resolve_metric(None, data, model)
+    assert metric.name == "top1_agreement" and metric.needs_reference
+    reference = run(model, X)
+    arrays = dict(data.arrays) | {reference_key("logits"): reference[0], reference_key("neg"): reference[1]}
+    assert metric.fn(reference, arrays) == 1.0
+    # a "compressed" model whose first column lost its weight: logits [0,-1,-1]->0, [0,3,3]->1, [0,1,1]->1, [0,-3,-3]->0
+    changed = gemm_model()
+    changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(W * np.array([[0], [1], [1]], np.float32), "W"))
+    assert metric.fn(run(changed, X), arrays) == pytest.approx(3 / 4)
+
+
+def test_unknown_output():
+    model = gemm_model()
+    data = load_data({"x": X}, model)
+    with pytest.raises(InputError, match=r"'probs' is not a model output; outputs are \['logits', 'neg'\]"):
+        resolve_metric(None, data, model, output="probs")
+
+
+def test_accuracy_needs_labels():
+    model = gemm_model()
+    with pytest.raises(InputError, match="needs integer labels"):
+        resolve_metric("top1_accuracy", load_data({"x": X}, model), model)
+
+
+def test_labels_out_of_range_static_width():
+    model = gemm_model()
+    data = load_data({"x": X, "y": np.array([0, 1, 3, 0])}, model)
+    with pytest.raises(InputError, match=r"span \[0, 3\].*3 classes"):
+        resolve_metric(None, data, model)
+    negative = load_data({"x": X, "y": np.array([0, -1, 2, 0])}, model)
+    with pytest.raises(InputError, match=r"span \[-1, 2\]"):
+        resolve_metric(None, negative, model)
+
+
+def test_labels_out_of_range_dynamic_width_checked_at_evaluation():
+    model = gemm_model(classes_dim="C")
+    data = load_data({"x": X, "y": np.array([0, 1, 7, 0])}, model)
+    metric = resolve_metric(None, data, model)  # width unknown until the model runs
+    with pytest.raises(InputError, match="3 classes"):
+        metric.fn(run(model, X), dict(data.arrays))
+
+
+def test_non_classification_output_is_refused_by_top1():
+    model = gemm_model()
+    data = load_data({"x": X, "y": np.zeros(4, np.int64)}, model)
+    metric = resolve_metric(None, data, model)
+    with pytest.raises(InputError, match="samples, classes"):
+        metric.fn([np.zeros((4, 3, 2), np.float32)], dict(data.arrays))
+    # singleton axes are squeezed: [N, 1, 3] reads as [N, 3]
+    assert metric.fn([np.array([[[5, 0, 0]]] * 4, np.float32)], dict(data.arrays)) == 1.0
+
+
+def write_module(tmp_path, monkeypatch, name: str, source: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_custom_metric_gets_outputs_and_extras(tmp_path, monkeypatch):
+    write_module(tmp_path, monkeypatch, "my_metric_ok", """
+        import numpy as np
+        def score(outputs, data):
+            # fraction of samples whose third logit beats the string label's threshold
+            assert len(outputs) == 2
+            thresholds = np.array([float(s) for s in data["threshold"]])
+            return float(np.mean(outputs[0][:, 2] > thresholds))
+    """)
+    model = gemm_model()
+    data = load_data({"x": X, "threshold": np.array(["0", "0", "0", "0"])}, model)
+    metric = resolve_metric("my_metric_ok:score", data, model)
+    assert metric.name == "my_metric_ok:score" and not metric.needs_reference
+    assert metric.fn(run(model, X), dict(data.arrays)) == pytest.approx(3 / 4)  # third logits 1, 2, 2, -5
+    clone = pickle.loads(pickle.dumps(metric))  # scale-out: re-imported by name
+    assert clone.fn(run(model, X), dict(data.arrays)) == pytest.approx(3 / 4)
+
+
+def test_custom_metric_errors(tmp_path, monkeypatch):
+    write_module(tmp_path, monkeypatch, "my_metric_bad", """
+        NOT_CALLABLE = 3
+        def nan(outputs, data):
+            return float("nan")
+        def text(outputs, data):
+            return "high"
+        def boom(outputs, data):
+            raise ZeroDivisionError
+    """)
+    write_module(tmp_path, monkeypatch, "my_metric_broken", "import does_not_exist_anywhere\n")
+    model = gemm_model()
+    data = load_data({"x": X}, model)
+    with pytest.raises(InputError, match="cannot import module 'no_such_module_xyz'"):
+        resolve_metric("no_such_module_xyz:f", data, model)
+    with pytest.raises(InputError, match="cannot import module 'my_metric_broken'.*ModuleNotFoundError"):
+        resolve_metric("my_metric_broken:f", data, model)
+    with pytest.raises(InputError, match="has no attribute 'missing'"):
+        resolve_metric("my_metric_bad:missing", data, model)
+    with pytest.raises(InputError, match="not a function"):
+        resolve_metric("my_metric_bad:NOT_CALLABLE", data, model)
+    with pytest.raises(InputError, match="expected top1_accuracy"):
+        resolve_metric("accuracy", data, model)
+    outputs = run(model, X)
+    with pytest.raises(InputError, match="finite float"):
+        resolve_metric("my_metric_bad:nan", data, model).fn(outputs, {})
+    with pytest.raises(InputError, match="returned 'high'"):
+        resolve_metric("my_metric_bad:text", data, model).fn(outputs, {})
+    with pytest.raises(InputError, match="my_metric_bad:boom raised ZeroDivisionError"):
+        resolve_metric("my_metric_bad:boom", data, model).fn(outputs, {})
+
+
+def test_builtin_metrics_pickle_and_identity():
+    model = gemm_model()
+    data = load_data({"x": X, "y": np.array([0, 1, 0, 0])}, model)
+    metric = resolve_metric(None, data, model)
+    clone = pickle.loads(pickle.dumps(metric))
+    assert clone.fn(run(model, X), dict(data.arrays)) == pytest.approx(3 / 4)
+    assert metric.identity() != resolve_metric(None, data, model, output="neg").identity()
+    custom = Metric("m:f", CustomMetric("m:f", lambda o, d: 1.0, "abc"))
+    assert "abc" in custom.identity()

@@ -1,0 +1,438 @@
+"""Scoring engine: real ONNX Runtime runs on small graphs, checked against plain ORT runs of the
+same model with the candidate's weights baked in."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxws.cache import ScoreCache
+from onnxws.data import load_data
+from onnxws.errors import InputError, UsageError
+from onnxws.metrics import resolve_metric
+from onnxws.scoring import Scorer, _cuda_usable, evaluate_model, resolve_providers
+
+ENGINES = ["session", "inputs"]
+WEIGHTS = ["conv.W", "fc.W"]
+
+
+def small_net(batch: str | int = "N", seed: int = 0, constant_fc: bool = False) -> onnx.ModelProto:
+    """uint8 'input' [batch,1,8,8] -> /255 -> Conv(4@3x3) -> Relu -> Flatten -> Gemm(10) -> 'logits'.
+
+    With ``constant_fc`` the fc weight is the output of a Constant node, not an initializer.
+    """
+    rng = np.random.default_rng(seed)
+    conv_w = rng.normal(0, 0.5, (4, 1, 3, 3)).astype(np.float32)
+    fc_w = rng.normal(0, 0.2, (10, 144)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(conv_w, "conv.W"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "conv.B"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "fc.B"),
+        numpy_helper.from_array(np.array(1 / 255, np.float32), "scale"),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["input"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["xf", "scale"], ["x0"]),
+        helper.make_node("Conv", ["x0", "conv.W", "conv.B"], ["c"]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.W", "fc.B"], ["logits"], transB=1),
+    ]
+    if constant_fc:
+        nodes.insert(0, helper.make_node("Constant", [], ["fc.W"], value=numpy_helper.from_array(fc_w)))
+    else:
+        inits.append(numpy_helper.from_array(fc_w, "fc.W"))
+    graph = helper.make_graph(nodes, "small_net", [helper.make_tensor_value_info("input", TensorProto.UINT8, [batch, 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def bake(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``weights`` written into its initializers / Constant nodes."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for tensor in out.graph.initializer:
+        if tensor.name in weights:
+            tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name], tensor.name))
+    for node in out.graph.node:
+        if node.op_type == "Constant" and node.output[0] in weights:
+            node.attribute[0].t.CopyFrom(numpy_helper.from_array(weights[node.output[0]]))
+    return out
+
+
+def plain_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """An independent stock ORT run of the whole set in one batch."""
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(logits.argmax(axis=1) == labels))
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (300, 1, 8, 8), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def labelled(images):
+    """Model, data with labels = the model's own top-1 (so the baseline is exactly 1.0), metric."""
+    model = small_net()
+    labels = plain_run(model, {"input": images})[0].argmax(axis=1)
+    data = load_data({"input": images, "y": labels}, model)
+    return model, data, resolve_metric(None, data, model)
+
+
+def make_scorer(labelled, engine: str, **kw) -> Scorer:
+    model, data, metric = labelled
+    kw.setdefault("search_samples", 120)
+    return Scorer(model, kw.pop("weights", WEIGHTS), data, metric, device="cpu", engine=engine, threads=1, **kw)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_candidate_equal_to_originals_scores_exactly_the_baseline(labelled, engine):
+    scorer = make_scorer(labelled, engine)
+    assert scorer.engine == engine and scorer.provider == "CPUExecutionProvider"
+    assert (scorer.n_search, scorer.n_full) == (120, 300)
+    assert scorer.baseline_search == 1.0 and scorer.baseline_full == 1.0
+    copies = {n: v.copy() for n, v in scorer.originals.items()}
+    assert scorer.score([{}, copies]) == [scorer.baseline_search, scorer.baseline_search]
+    assert scorer.score([copies], "full") == [scorer.baseline_full]
+    outputs = scorer.outputs(copies)
+    assert np.array_equal(outputs[0], scorer.reference_outputs("full")[0])
+    assert (scorer.scorings, scorer.scorings_run, scorer.scorings_cached) == (3, 3, 0)
+    scorer.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_zeroed_weights_change_outputs_and_score(labelled, engine):
+    scorer = make_scorer(labelled, engine)
+    zeroed = {"conv.W": np.zeros((4, 1, 3, 3), np.float32)}
+    out = scorer.outputs(zeroed, "search")[0]
+    assert not np.allclose(out, scorer.reference_outputs("search")[0])
+    # with a zero conv every sample sees the same features (relu(conv.B)): one class for all
+    assert len(np.unique(out.argmax(axis=1))) == 1
+    [value] = scorer.score([zeroed])
+    assert value < 0.5
+
+
+@pytest.mark.parametrize("engine", ENGINES + ["auto"])
+def test_scores_equal_plain_ort_with_weights_baked_in(labelled, images, engine):
+    model, data, _ = labelled
+    scorer = make_scorer(labelled, engine)
+    rng = np.random.default_rng(7)
+    conv, fc = scorer.originals["conv.W"], scorer.originals["fc.W"]
+    candidates = [
+        {"conv.W": (conv * 0.5).astype(np.float32)},
+        {"fc.W": (fc + rng.normal(0, 0.1, fc.shape)).astype(np.float32)},
+        {"conv.W": np.round(conv * 2) / 2, "fc.W": np.round(fc * 4) / 4},  # a coarse "shared" tuple
+        {"fc.W": np.zeros_like(fc)},
+    ]
+    for subset, n in (("search", 120), ("full", 300)):
+        got = scorer.score(candidates, subset)
+        expected = []
+        for cand in candidates:
+            logits = plain_run(bake(model, cand), {"input": images[:n]})[0]
+            expected.append(accuracy(logits, data.labels[:n]))
+            np.testing.assert_allclose(scorer.outputs(cand, subset)[0], logits, rtol=1e-5, atol=1e-5)
+        assert got == expected
+    assert len(set(expected)) > 1  # the candidates really differ
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_only_some_weights_and_big_fixed_initializers(labelled, images, engine):
+    """fc.W (5.6 kB, not a candidate weight) is passed as fixed in-memory external data."""
+    model, data, _ = labelled
+    scorer = make_scorer(labelled, engine, weights=["conv.W"])
+    cand = {"conv.W": -scorer.originals["conv.W"]}
+    logits = plain_run(bake(model, cand), {"input": images})[0]
+    np.testing.assert_allclose(scorer.outputs(cand)[0], logits, rtol=1e-5, atol=1e-5)
+    assert scorer.score([cand], "full") == [accuracy(logits, data.labels)]
+    with pytest.raises(ValueError, match="not one of the scorer's weights"):
+        scorer.score([{"fc.W": scorer.originals["conv.W"]}])
+
+
+def test_initializers_listed_as_graph_inputs(images):
+    """Old exporters list initializers among the graph inputs (overridable defaults)."""
+    model = small_net()
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer)
+    data = load_data({"input": images[:40]}, model)
+    assert data.input_names == ["input"]
+    scorer = Scorer(model, WEIGHTS, data, resolve_metric(None, data, model), device="cpu", engine="session", threads=1)
+    cand = {"conv.W": scorer.originals["conv.W"] * np.float32(3)}
+    np.testing.assert_allclose(scorer.outputs(cand)[0], plain_run(bake(small_net(), cand), {"input": images[:40]})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_scorer_leaves_the_model_untouched(labelled):
+    model = labelled[0]
+    before = model.SerializeToString()
+    make_scorer(labelled, "auto").score([{"conv.W": np.zeros((4, 1, 3, 3), np.float32)}])
+    assert model.SerializeToString() == before
+
+
+def test_bad_candidates(labelled):
+    scorer = make_scorer(labelled, "session")
+    with pytest.raises(ValueError, match="original is float32\\[4, 1, 3, 3\\]"):
+        scorer.score([{"conv.W": np.zeros((4, 1, 3, 3), np.float64)}])
+    with pytest.raises(ValueError, match="decode to the original"):
+        scorer.score([{"conv.W": np.zeros((4, 9), np.float32)}])
+    with pytest.raises(ValueError, match="subset"):
+        scorer.score([{}], "train")
+
+
+def test_bad_options(labelled):
+    with pytest.raises(UsageError, match="search-samples"):
+        make_scorer(labelled, "session", search_samples=0)
+    with pytest.raises(UsageError, match="engine"):
+        make_scorer(labelled, "turbo")
+    with pytest.raises(InputError, match=r"\['nope'\]"):
+        make_scorer(labelled, "session", weights=["nope"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_constant_node_weight(images, engine):
+    model = small_net(constant_fc=True)
+    data = load_data({"input": images[:50]}, model)
+    metric = resolve_metric(None, data, model)  # no labels: agreement with the original
+    scorer = Scorer(model, WEIGHTS, data, metric, device="cpu", engine=engine, threads=1)
+    assert scorer.baseline_search == 1.0
+    fc_b = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "fc.B"))
+    out = scorer.outputs({"fc.W": np.zeros((10, 144), np.float32)})[0]
+    np.testing.assert_allclose(out, np.broadcast_to(fc_b, (50, 10)), rtol=0, atol=1e-7)  # Gemm with W=0 is its bias
+    half = {"fc.W": scorer.originals["fc.W"] * np.float32(0.5), "conv.W": scorer.originals["conv.W"][::-1].copy()}
+    ref = plain_run(model, {"input": images[:50]})[0]
+    baked = plain_run(bake(model, half), {"input": images[:50]})[0]
+    np.testing.assert_allclose(scorer.outputs(half)[0], baked, rtol=1e-5, atol=1e-5)
+    assert scorer.score([half]) == [float(np.mean(baked.argmax(1) == ref.argmax(1)))]
+
+
+def two_in_two_out() -> onnx.ModelProto:
+    """a, b [N,4] -> out1 = (a + b) @ W [4,3];  out2 = b @ V [4,2]."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(size=(4, 2)).astype(np.float32), "V")]
+    nodes = [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("MatMul", ["s", "W"], ["out1"]),
+             helper.make_node("MatMul", ["b", "V"], ["out2"])]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+                                              helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("out1", TensorProto.FLOAT, ["N", 3]),
+                               helper.make_tensor_value_info("out2", TensorProto.FLOAT, ["N", 2])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_inputs_two_outputs(engine):
+    model = two_in_two_out()
+    rng = np.random.default_rng(4)
+    feeds = {"a": rng.normal(size=(40, 4)).astype(np.float32), "b": rng.normal(size=(40, 4)).astype(np.float32)}
+    y = rng.integers(0, 2, 40)
+    data = load_data({**feeds, "y": y}, model)
+    metric = resolve_metric(None, data, model, output="out2")
+    scorer = Scorer(model, ["W", "V"], data, metric, device="cpu", engine=engine, batch_size=16, threads=1)
+    cand = {"W": np.ones((4, 3), np.float32), "V": np.array([[1, 0], [0, 1], [1, 0], [0, 1]], np.float32)}
+    out1, out2 = scorer.outputs(cand)
+    # by hand: out1 rows are sum(a + b) in every column; out2 = [b0 + b2, b1 + b3]
+    np.testing.assert_allclose(out1, np.repeat((feeds["a"] + feeds["b"]).sum(1, keepdims=True), 3, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(out2, np.stack([feeds["b"][:, 0] + feeds["b"][:, 2], feeds["b"][:, 1] + feeds["b"][:, 3]], 1), rtol=1e-5)
+    assert scorer.score([cand]) == [accuracy(out2, y)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fixed_batch_models(images, engine, batch):
+    """Fixed batch 1 runs sample by sample; fixed 4 runs in chunks of 4, the last (10 = 4+4+2) padded."""
+    model = small_net(batch=batch)
+    data = load_data({"input": images[:10]}, model)
+    scorer = Scorer(model, WEIGHTS, data, resolve_metric(None, data, model), device="cpu", engine=engine, batch_size=100, threads=1)
+    assert scorer.batch_size == batch
+    cand = {"conv.W": scorer.originals["conv.W"] * np.float32(-1)}
+    dynamic = bake(small_net(batch="N"), cand)  # same seed: same weights, dynamic batch
+    expected = plain_run(dynamic, {"input": images[:10]})[0]
+    got = scorer.outputs(cand)[0]
+    assert got.shape == (10, 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert scorer.baseline_search == 1.0
+
+
+def test_batch_size_does_not_change_results(labelled):
+    a = make_scorer(labelled, "session", batch_size=7)
+    b = make_scorer(labelled, "session")
+    assert (a.batch_size, b.batch_size) == (7, 1000)
+    cand = {"conv.W": a.originals["conv.W"] * np.float32(0.7)}
+    np.testing.assert_allclose(a.outputs(cand)[0], b.outputs(cand)[0], rtol=1e-5, atol=1e-6)
+    assert a.score([cand], "full") == b.score([cand], "full")
+
+
+def test_fp16_weights():
+    w = np.random.default_rng(5).normal(size=(4, 3)).astype(np.float16)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["out"])], "h",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT16, ["N", 3])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(6).normal(size=(20, 4)).astype(np.float16)
+    data = load_data({"x": x}, model)
+    scorer = Scorer(model, ["W"], data, resolve_metric(None, data, model), device="cpu", engine="session", threads=1)
+    cand = {"W": (w * 2).astype(np.float16)}
+    np.testing.assert_allclose(scorer.outputs(cand)[0].astype(np.float32), plain_run(bake(model, cand), {"x": x})[0].astype(np.float32), rtol=1e-3)
+
+
+def test_agreement_metric_and_evaluate_model(images):
+    model = small_net()
+    data = load_data({"input": images}, model)
+    metric = resolve_metric(None, data, model)
+    scorer = Scorer(model, WEIGHTS, data, metric, device="cpu", search_samples=100, threads=1)
+    assert scorer.baseline_search == 1.0 and scorer.baseline_full == 1.0
+    cand = {"fc.W": np.round(scorer.originals["fc.W"] * 2) / 2}
+    baked = bake(model, cand)
+    ref = plain_run(model, {"input": images})[0].argmax(1)
+    expected = float(np.mean(plain_run(baked, {"input": images})[0].argmax(1) == ref))
+    assert expected < 1.0
+    assert scorer.score([cand], "full") == [expected]
+    # the emitted model, measured as a user would run it, against the scorer's reference outputs
+    assert evaluate_model(baked, data, metric, device="cpu", reference=scorer) == expected
+    with pytest.raises(InputError, match="reference"):
+        evaluate_model(baked, data, metric, device="cpu")
+
+
+def test_cache_second_scorer_reruns_nothing(labelled, tmp_path):
+    path = tmp_path / "scores.sqlite"
+    originals = make_scorer(labelled, "session").originals
+    candidates = [{"conv.W": originals["conv.W"] * np.float32(f)} for f in (0.25, 0.5, -1.0)]
+    with ScoreCache(path) as cache:
+        first = make_scorer(labelled, "session", cache=cache)
+        values = first.score(candidates)
+        assert (first.scorings, first.scorings_run, first.scorings_cached) == (3, 3, 0)
+        assert first.score(candidates[:1]) == values[:1]  # memoised in-process
+        assert (first.scorings, first.scorings_run, first.scorings_cached) == (4, 3, 1)
+    with ScoreCache(path) as cache:
+        second = make_scorer(labelled, "inputs", cache=cache)  # the engine is not part of the key
+        assert second.score(candidates) == values
+        assert second.scorings_cached == second.scorings == 3 and second.scorings_run == 0
+        second.score(candidates[:1], "full")  # other subset: a miss
+        second.score([{"conv.W": originals["conv.W"] * np.float32(0.3)}])  # other candidate: a miss
+        assert second.scorings_run == 2
+        third = make_scorer(labelled, "session", cache=cache, search_samples=100)  # other subset size: a miss
+        third.score(candidates[:1])
+        assert (third.scorings_run, third.scorings_cached) == (1, 0)
+
+
+def test_model_ort_cannot_run_is_an_input_error():
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["out"])], "bad",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "K"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(np.ones((4, 3), np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = load_data({"x": np.ones((5, 6), np.float32)}, model)  # K = 6 does not fit W's 4 rows
+    with pytest.raises(InputError, match="ONNX Runtime cannot run the model"):
+        Scorer(model, ["W"], data, resolve_metric(None, data, model), device="cpu", threads=1)
+
+
+def test_resolve_providers():
+    assert resolve_providers("cpu") == (["CPUExecutionProvider"], "CPUExecutionProvider")
+    with pytest.raises(UsageError, match="gpu"):
+        resolve_providers("gpu")
+    if _cuda_usable():
+        pytest.skip("a GPU is usable here")
+    assert resolve_providers("auto") == (["CPUExecutionProvider"], "CPUExecutionProvider")
+    with pytest.raises(InputError, match=r"--device cuda: no usable GPU .*install onnxws\[gpu\] or use --device cpu"):
+        resolve_providers("cuda")
+
+
+# ---- suffix runs (one weight changed: only the nodes downstream of it run) ---------------------
+
+
+def test_suffix_runs_equal_whole_model_runs(labelled, images):
+    model, data, _ = labelled
+    whole = make_scorer(labelled, "session", reuse_activations=False)
+    suffix = make_scorer(labelled, "session")
+    rng = np.random.default_rng(11)
+    candidates = [{name: (value + rng.normal(0, 0.3, value.shape)).astype(np.float32)}
+                  for name, value in whole.originals.items() for _ in range(3)]
+    for subset, n in (("search", 120), ("full", 300)):
+        assert suffix.score(candidates, subset) == whole.score(candidates, subset)
+        for cand in candidates[:1] + candidates[3:4]:
+            np.testing.assert_allclose(suffix._run_suffix(cand, subset)[0], plain_run(bake(model, cand), {"input": images[:n]})[0],
+                                       rtol=1e-5, atol=1e-5)
+    assert whole.scorings_suffix == 0
+    assert suffix.scorings_suffix == 12 and suffix.scorings_run == 12
+    # two weights changed at once: the whole model runs
+    suffix.score([{**candidates[0], **candidates[3]}])
+    assert suffix.scorings_suffix == 12 and suffix.scorings_run == 13
+
+
+def test_suffix_respects_the_activation_budget(labelled):
+    scorer = make_scorer(labelled, "session", activation_budget=0)
+    whole = make_scorer(labelled, "session", reuse_activations=False)
+    cand = {"fc.W": scorer.originals["fc.W"] * np.float32(-1)}
+    assert scorer.score([cand]) == whole.score([cand])
+    assert scorer.scorings_suffix == 0
+
+
+def test_suffix_with_an_output_the_weight_does_not_reach():
+    """Changing W reaches out1 only: out2 comes from the cached prefix. V is read next to a graph input: whole run."""
+    model = two_in_two_out()
+    rng = np.random.default_rng(4)
+    feeds = {"a": rng.normal(size=(30, 4)).astype(np.float32), "b": rng.normal(size=(30, 4)).astype(np.float32)}
+    data = load_data(feeds, model)
+    scorer = Scorer(model, ["W", "V"], data, resolve_metric("top1_agreement", data, model, output="out2"),
+                    device="cpu", engine="session", batch_size=8, threads=1)
+    w = {"W": np.ones((4, 3), np.float32)}
+    out1, out2 = scorer._run_suffix(w, "search")
+    baked = plain_run(bake(model, w), feeds)
+    np.testing.assert_allclose(out1, baked[0], rtol=1e-5)
+    np.testing.assert_array_equal(out2, scorer.reference_outputs("search")[1])
+    assert scorer.score([w]) == [1.0]  # out2 is untouched
+    assert scorer.scorings_suffix == 1
+    v = {"V": -scorer.originals["V"]}
+    assert scorer._run_suffix(v, "search") is None
+    assert scorer.score([v]) == [0.0]  # out2 = b @ -V: with two columns every arg-max flips
+    assert scorer.scorings_suffix == 1
+
+
+def if_model() -> onnx.ModelProto:
+    """h = Relu(x); If(flag) then h @ W else h @ W2: W is read from inside a subgraph (outer scope)."""
+    rng = np.random.default_rng(8)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    then_g = helper.make_graph([helper.make_node("MatMul", ["h", "W"], ["y_then"])], "then", [],
+                               [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, ["N", 3])])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["h", "W2"], ["y_else"])], "else", [],
+                               [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, ["N", 3])])
+    nodes = [helper.make_node("Relu", ["x"], ["h"]),
+             helper.make_node("If", ["flag"], ["y"], then_branch=then_g, else_branch=else_g)]
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array(True), "flag")]
+    graph = helper.make_graph(nodes, "ifm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])], [out], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_suffix_follows_weights_read_inside_subgraphs():
+    model = if_model()
+    x = np.random.default_rng(9).normal(size=(25, 4)).astype(np.float32)
+    data = load_data({"x": x}, model)
+    scorer = Scorer(model, ["W", "W2"], data, resolve_metric(None, data, model), device="cpu", engine="session", threads=1)
+    cand = {"W": np.eye(4, 3, dtype=np.float32)}
+    got = scorer._run_suffix(cand, "search")
+    assert got is not None  # the If node depends on W through its then-branch
+    np.testing.assert_allclose(got[0], np.maximum(x, 0)[:, :3], rtol=1e-6)  # relu(x) @ eye = first 3 columns
+    unused_branch = {"W2": np.zeros((4, 3), np.float32)}  # else-branch: not taken, outputs unchanged
+    np.testing.assert_allclose(scorer._run_suffix(unused_branch, "search")[0], scorer.reference_outputs("search")[0], rtol=1e-6)
+
+
+def test_suffix_on_fixed_batch_padding(images):
+    model = small_net(batch=4)
+    data = load_data({"input": images[:10]}, model)
+    scorer = Scorer(model, WEIGHTS, data, resolve_metric(None, data, model), device="cpu", engine="session", threads=1)
+    cand = {"fc.W": scorer.originals["fc.W"][::-1].copy()}
+    expected = plain_run(bake(small_net(), cand), {"input": images[:10]})[0]
+    got = scorer._run_suffix(cand, "search")[0]
+    assert got.shape == (10, 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    ref = plain_run(small_net(), {"input": images[:10]})[0]
+    assert scorer.score([cand]) == [float(np.mean(expected.argmax(1) == ref.argmax(1)))]
