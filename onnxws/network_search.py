@@ -28,6 +28,7 @@ from onnxws.predictor import FrontPoint, LinearLossPredictor, pareto_front
 logger = logging.getLogger(__name__)
 
 UNSHARED = 0  # item k meaning "leave this layer unshared"
+FIT_WINDOW = 1.5  # the predictor is fitted on scored tuples with loss <= FIT_WINDOW * budget
 
 
 @dataclass
@@ -97,6 +98,16 @@ def predictor_search(
             X_rows.append(_features(layers, tup))
             y_rows.append(loss)
 
+    def fit_predictor() -> None:
+        """Fit on the tuples near the budget: the linear model only has to hold there, and
+        tuples far past it are super-additive (several layers at their edge at once)."""
+        X = np.array(X_rows).reshape(-1, len(layers))
+        y = np.array(y_rows)
+        near = y <= FIT_WINDOW * ctx.budget
+        if near.sum() >= 2:
+            X, y = X[near], y[near]
+        predictor.fit(X, y)
+
     def front_for(alphas: np.ndarray, limit: float) -> list[FrontPoint]:
         weighted = [[(size, float(a) * loss) for _, size, loss in layer_items]
                     for a, layer_items in zip(alphas, items)]
@@ -124,17 +135,21 @@ def predictor_search(
         stale = 0
         best_ratio = max((ctx.ratio(t) for t in _feasible_sorted(ctx)), default=0.0)
         while True:
-            predictor.fit(np.array(X_rows).reshape(-1, len(layers)), np.array(y_rows))
-            front = front_for(predictor.alphas_, ctx.target)
-            proposals = []
+            fit_predictor()
+            # Explore within the predictor's own error band: a tuple predicted just above the
+            # target may well be within it, and scoring it is what improves the fit there.
+            band = predictor.loo_mae_ if predictor.loo_mae_ is not None else 0.25 * ctx.target
+            front = front_for(predictor.alphas_, ctx.target + band)
+            better = []
             for point in front:  # ascending size = descending CR
                 tup = _tuple(layers, tuple(items[i][c][0] for i, c in enumerate(point.choice)))
                 if tup and ctx.known(tup) is None and ctx.ratio(tup) > best_ratio:
-                    proposals.append((tup, point.loss))
-                if len(proposals) >= per_round:
-                    break
+                    better.append((tup, point.loss))
+            inside = [p for p in better if p[1] <= ctx.target + 1e-12]
+            proposals = inside[:per_round] or sorted(better, key=lambda p: p[1])[:per_round]
             outcome.front = [(_tuple(layers, tuple(items[i][c][0] for i, c in enumerate(p.choice))),
-                              ctx.total_full_bits / max(p.size_bits, 1), p.loss) for p in front]
+                              ctx.total_full_bits / max(p.size_bits, 1), p.loss) for p in front
+                             if p.loss <= ctx.target + 1e-12]
             if not proposals:
                 break
             tuples = [p[0] for p in proposals]
@@ -151,7 +166,7 @@ def predictor_search(
     except BudgetExhausted:
         logger.info("network search stopped by %s", ctx.stopped_by)
     if y_rows:
-        predictor.fit(np.array(X_rows).reshape(-1, len(layers)), np.array(y_rows))
+        fit_predictor()
         outcome.predictor = {
             "alphas": {layer.name: float(a) for layer, a in zip(layers, predictor.alphas_)},
             "intercept": 0.0,

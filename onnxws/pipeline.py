@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int, str], None]
 # The emitted model's full-set metric must match the scorer's figure for the same tuple within this (pp).
 TRUST_TOLERANCE_PP = 0.1
+# Full-set misses after which the search stops aiming lower and steps back instead.
+MAX_ROUNDS = 4
+STEP_BACK_TRIES = 4
 
 
 @dataclass
@@ -276,40 +279,65 @@ def _open_cache(cache: str | Path | bool | None) -> ScoreCache | None:
 
 
 def _search_and_verify(ctx: SearchContext, config: CompressConfig, uniform_tuple, uniform_full):
-    """Run the strategy, verify its best tuples on the full set, tighten the target if they fail."""
+    """Run the strategy, verify its best tuple on the full set; on a miss, aim lower and search again.
+
+    The search subset is optimistic for the tuples a search picks at the budget's edge (they
+    are selected *because* they look good there), so a full-set miss tightens the search target
+    by the gap just observed and the strategy continues from everything already scored. After
+    ``MAX_ROUNDS`` misses the remaining subset-feasible tuples are verified best first (step-back).
+    """
     verify_log: list[tuple[dict, float | None, float, float]] = []
     outcome = None
     chosen = None
     rejected: set = set()
-    for attempt in range(3):
-        if config.strategy == "predictor":
-            outcome = predictor_search(ctx, seed=config.seed)
-        elif config.strategy == "greedy":
-            outcome = greedy_search(ctx)
-        else:
-            outcome = exhaustive_search(ctx) if attempt == 0 else outcome
-        ranked = [t for t in outcome.feasible if SearchContext.key(t) not in rejected]
-        if config.strategy == "exhaustive" and attempt > 0:
-            nxt = exhaustive_continue(ctx, rejected)
-            ranked = [nxt] if nxt else []
+
+    def verify(tuples: list[dict]) -> dict | None:
         t0 = time.perf_counter()
-        found, tried = verify_full(ctx, ranked, max_tries=3)
+        found, tried = verify_full(ctx, tuples, max_tries=len(tuples))
         elapsed = time.perf_counter() - t0
         for i, (tup, search_loss, full_loss) in enumerate(tried):
             verify_log.append((tup, search_loss, full_loss, elapsed if i == 0 else 0.0))
             if not within_budget(full_loss, ctx.budget):
                 rejected.add(SearchContext.key(tup))
-        if found is not None:
-            chosen = found
+                if search_loss is not None:  # aim lower by the optimism just observed
+                    ctx.target = min(ctx.target, ctx.budget - max(full_loss - search_loss, 0.0))
+        return found
+
+    def untried(tuples: list[dict]) -> list[dict]:
+        return [t for t in tuples if SearchContext.key(t) not in rejected and ctx.known(t, "full") is None]
+
+    for attempt in range(MAX_ROUNDS):
+        if config.strategy == "exhaustive":
+            if attempt == 0:
+                outcome = exhaustive_search(ctx)
+                top = untried(outcome.feasible)[:1]
+            else:
+                nxt = exhaustive_continue(ctx, rejected)
+                top = [nxt] if nxt else []
+        elif config.strategy == "greedy":
+            if attempt > 0:
+                break  # greedy restarts from scratch: step back instead
+            outcome = greedy_search(ctx)
+            top = untried(outcome.feasible)[:1]
+        else:
+            outcome = predictor_search(ctx, seed=config.seed)
+            top = untried(outcome.feasible)[:1]
+        if not top:
             break
-        if not tried:
+        chosen = verify(top)
+        if chosen is not None or ctx.target <= 0 or not ctx.can_score():
             break
-        # Subset optimism: aim lower on the search subset by the gap just observed.
-        gaps = [full - search for _, search, full in tried if search is not None]
-        if gaps:
-            ctx.target = min(ctx.target, ctx.budget - max(max(gaps), 0.0))
-        if ctx.target <= 0 or not ctx.can_score():
-            break
+    if chosen is None:  # step back along the subset-feasible tuples, best first
+        saved, ctx.target = ctx.target, ctx.budget
+        ranked = untried(sorted(
+            {SearchContext.key(e.k): e.k for e in ctx.explored
+             if e.k and e.subset == "search" and within_budget(e.loss_measured, ctx.budget)}.values(),
+            key=lambda t: -ctx.ratio(t)))
+        ctx.target = saved
+        for tup in ranked[:STEP_BACK_TRIES]:
+            chosen = verify([tup])
+            if chosen is not None:
+                break
     if uniform_tuple is not None and uniform_full is not None and within_budget(uniform_full, ctx.budget):
         if chosen is None or ctx.ratio(uniform_tuple) > ctx.ratio(chosen):
             chosen = uniform_tuple
