@@ -71,12 +71,8 @@ def collect(source: Path, out_dir: Path) -> list[BatchItem]:
     table applies to every model.
     """
     if source.is_dir():
-        out_resolved = out_dir.resolve()
-        items = []
-        for path in sorted(source.glob("*.onnx")):
-            if path.name.endswith(".ws.onnx") or path.resolve().parent == out_resolved:
-                continue
-            items.append(BatchItem(path))
+        # Our outputs are always <stem>.ws.onnx: never take them as inputs, even when OUT_DIR is the folder.
+        items = [BatchItem(path) for path in sorted(source.glob("*.onnx")) if not path.name.endswith(".ws.onnx")]
         if not items:
             raise InputError(f"no .onnx models in {source} (outputs named *.ws.onnx are not inputs)")
         return _unique_stems(items)

@@ -88,7 +88,8 @@ class _StageProgress:
     """Rich progress bars, one per stage, fed by the pipeline's progress callback."""
 
     LABELS = {"cluster": "Clustering", "layer": "Layer sensitivity", "fit": "Predictor fit",
-              "network": "Network search", "verify": "Verification", "uniform": "Uniform baseline"}
+              "network": "Network search", "verify": "Verification", "uniform": "Uniform baseline",
+              "emit": "Emit + re-measure"}
 
     def __init__(self, enabled: bool) -> None:
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<20}"), BarColumn(),

@@ -216,6 +216,7 @@ def compress(
 
         # 7. Emit, then trust but verify ------------------------------------------------------
         t0 = time.perf_counter()
+        notify("emit", 0, 1, f"{ctx.ratio(chosen):.1f}x")
         shared = [shares[name][k] for name, k in chosen.items()]
         encoded = encode_model(proto, shared, opset=config.opset)
         check_model(encoded.model, "emitted model")
@@ -233,6 +234,7 @@ def compress(
         if not within_budget(final_loss, config.loss):
             raise VerificationError(f"the emitted model loses {final_loss:.3f} {loss_unit(config.loss_mode)} > budget {config.loss:g}")
         timings["emit"] = time.perf_counter() - t0
+        notify("emit", 1, 1, "verified")
         timings["total"] = time.perf_counter() - t_total
 
         report = _build_report(
@@ -292,6 +294,7 @@ def _search_and_verify(ctx: SearchContext, config: CompressConfig, uniform_tuple
     rejected: set = set()
 
     def verify(tuples: list[dict]) -> dict | None:
+        ctx.progress("verify", len(verify_log), 0, f"full set: {ctx.ratio(tuples[0]):.1f}x")
         t0 = time.perf_counter()
         found, tried = verify_full(ctx, tuples, max_tries=len(tuples))
         elapsed = time.perf_counter() - t0
@@ -306,6 +309,7 @@ def _search_and_verify(ctx: SearchContext, config: CompressConfig, uniform_tuple
     def untried(tuples: list[dict]) -> list[dict]:
         return [t for t in tuples if SearchContext.key(t) not in rejected and ctx.known(t, "full") is None]
 
+    ctx.progress("network", 0, 0, f"strategy {config.strategy}")
     for attempt in range(MAX_ROUNDS):
         if config.strategy == "exhaustive":
             if attempt == 0:
