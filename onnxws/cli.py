@@ -235,6 +235,7 @@ def evaluate(
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Uncompressed model for top-1 agreement when the data has no labels.", exists=True, dir_okay=False)] = None,
     device: Annotated[Device, typer.Option(help="auto, cpu or cuda.")] = Device.auto,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1)] = None,
+    keep_compact: Annotated[bool, typer.Option("--keep-compact", help="Keep shared weights compressed in memory (no constant folding of the decoders: less memory, slower).")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -244,7 +245,7 @@ def evaluate(
         from onnxws.evaluation import evaluate_path
 
         result = evaluate_path(model, data, metric=metric, output=output, reference=reference,
-                               device=device.value, batch_size=batch_size)
+                               device=device.value, batch_size=batch_size, keep_compact=keep_compact)
         if as_json:
             print(json.dumps(result))
         else:

@@ -16,21 +16,23 @@ from onnxws.data import EvalData, find_sidecar_data, load_data
 from onnxws.errors import InputError
 from onnxws.loading import load_model
 from onnxws.metrics import Metric, reference_key, resolve_metric
+from onnxws.runtime import open_session
 from onnxws.scoring import concat_outputs, default_batch_size, fixed_batch, plan_batches, resolve_providers
 
 logger = logging.getLogger(__name__)
 
 
 def run_model(model: onnx.ModelProto, data: EvalData, *, device: str = "auto", batch_size: int | None = None,
-              session_options: ort.SessionOptions | None = None) -> tuple[list[np.ndarray], str]:
-    """Run ``model`` over every sample of ``data`` in stock ORT (default options unless given).
+              session_options: ort.SessionOptions | None = None, keep_compact: bool = False) -> tuple[list[np.ndarray], str]:
+    """Run ``model`` over every sample of ``data`` in stock ORT (default options unless given;
+    ``keep_compact`` keeps shared weights compressed in memory, see onnxws.runtime).
 
     Returns:
         (outputs in model-output order, each concatenated along the batch axis; provider used).
     """
     providers, provider = resolve_providers(device)
     try:
-        session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options, providers=providers)
+        session = open_session(model, keep_compact=keep_compact, session_options=session_options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         raise InputError(f"ONNX Runtime cannot load the model: {' '.join(str(exc).split())[:300]}") from exc
     fixed = fixed_batch(model, data.input_names)
@@ -62,7 +64,8 @@ def evaluate_model(model: onnx.ModelProto, data: EvalData, metric: Metric, *, de
 
 
 def evaluate_path(model_path: Path, data_path: Path | None, *, metric: str | None = None, output: str | None = None,
-                  reference: Path | None = None, device: str = "auto", batch_size: int | None = None) -> dict:
+                  reference: Path | None = None, device: str = "auto", batch_size: int | None = None,
+                  keep_compact: bool = False) -> dict:
     """``onnxws evaluate``: metric of a model file on an evaluation set.
 
     Returns ``{"metric", "value", "samples", "device", "model", "data"}``.
@@ -71,7 +74,7 @@ def evaluate_path(model_path: Path, data_path: Path | None, *, metric: str | Non
     data_file = data_path or find_sidecar_data(model_path)
     data = load_data(data_file, model)
     resolved = resolve_metric(metric, data, model, output)
-    outputs, provider = run_model(model, data, device=device, batch_size=batch_size)
+    outputs, provider = run_model(model, data, device=device, batch_size=batch_size, keep_compact=keep_compact)
     ref = None
     if resolved.needs_reference:
         if reference is None:
@@ -81,4 +84,4 @@ def evaluate_path(model_path: Path, data_path: Path | None, *, metric: str | Non
         ref, _ = run_model(ref_model, load_data(data_file, ref_model), device=device, batch_size=batch_size)
     value = metric_value(resolved, outputs, data, [o.name for o in model.graph.output], ref)
     return {"metric": resolved.name, "value": value, "samples": data.n, "device": provider,
-            "model": str(model_path), "data": str(data_file)}
+            "model": str(model_path), "data": str(data_file), "keep_compact": keep_compact}
