@@ -255,10 +255,11 @@ def _override(config: CompressConfig, overrides: dict[str, Any]) -> CompressConf
 
 
 def _file_bytes(path: Path, proto: onnx.ModelProto) -> int:
-    """Bytes of the model file plus its external data files."""
+    """Bytes of the model file plus its external data files (read from the file's references,
+    since the loaded proto has its external data inlined)."""
     size = path.stat().st_size
     seen = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001
+    for tensor in _raw_tensors(path):
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value not in seen:
                 seen.add(entry.value)
@@ -266,6 +267,11 @@ def _file_bytes(path: Path, proto: onnx.ModelProto) -> int:
                 if data_file.exists():
                     size += data_file.stat().st_size
     return size
+
+
+def _raw_tensors(path: Path) -> list[onnx.TensorProto]:
+    shallow = onnx.load(str(path), load_external_data=False)
+    return list(onnx.external_data_helper._get_all_tensors(shallow))  # noqa: SLF001
 
 
 def _dtype_bits(dtype: str) -> int:
