@@ -11,47 +11,50 @@ from onnxws.discovery import find_weights
 from onnxws.loading import load_model
 from onnxws.sharing import index_bits
 
-_DTYPE_BITS = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.BFLOAT16: 16,
-               onnx.TensorProto.DOUBLE: 64}
-
 
 def shared_tensors(model: onnx.ModelProto) -> dict[str, dict]:
-    """Weights already in onnxws's shared form: ``Gather(<W>.codebook, ...) -> W`` or ``Expand`` of ``<W>.codebook``.
+    """Weights in onnxws's shared form (onnxws.encoding): ``Gather(<W>.codebook, ...) -> W`` or
+    ``Expand(<W>.codebook, <W>.shape) -> W`` (k = 1).
 
-    Returns ``{W: {"k", "bits", "n_codebooks", "index_dtype", "shape", "params", "stored_bytes"}}``.
+    Returns ``{W: {"shape", "params", "k", "bits", "n_codebooks", "index_dtype", "stored_bytes"}}``.
     """
+    from onnx import numpy_helper
+
     inits = {init.name: init for init in model.graph.initializer}
     found: dict[str, dict] = {}
     for node in model.graph.node:
-        if node.op_type not in ("Gather", "Expand") or not node.input:
-            continue
-        book_name = node.input[0]
-        if not book_name.endswith(".codebook") or book_name not in inits:
+        if node.op_type not in ("Gather", "Expand") or not node.input or not node.output:
             continue
         name = node.output[0]
-        base = book_name[: -len(".codebook")]
-        if name != base:
+        book = inits.get(node.input[0])
+        if book is None or node.input[0] != f"{name}.codebook":
             continue
-        book = inits[book_name]
-        size = int(np.prod(book.dims)) if book.dims else 1
-        related = [init for n, init in inits.items() if n.startswith(base + ".") and n != book_name]
-        index = next((init for init in related if init.name == base + ".indices"), None)
-        groups = 1
-        offsets = next((init for init in related if init.name.endswith(".offsets")), None)
-        if offsets is not None:
-            groups = int(np.prod(offsets.dims))
-        k = max(size // groups, 1)
-        if index is not None:
-            index_dtype = onnx.TensorProto.DataType.Name(index.data_type)
-            if index.data_type == onnx.TensorProto.UINT8 and len(index.dims) == 1 and node.op_type == "Gather" and \
-                    any(init.name.endswith(".shape") for init in related):
-                index_dtype = f"packed:{index_bits(k)}"
+        own = {n: init for n, init in inits.items() if n.startswith(name + ".")}
+        index = own.get(f"{name}.indices")
+        shape_init = own.get(f"{name}.shape")
+        offsets = own.get(f"{name}.offsets")
+        book_size = int(np.prod(book.dims)) if book.dims else 1
+        if node.op_type == "Expand":
+            k, groups, index_dtype = 1, 1, "none"
+            shape = [int(v) for v in numpy_helper.to_array(shape_init)]
+            groups = len(np.unique(numpy_helper.to_array(book)))
         else:
-            packed = next((init for init in related if "packed" in init.name or "bits" in init.name), None)
-            index_dtype = f"packed:{index_bits(k)}" if packed is not None else "none"
-        stored = sum(_payload_bytes(init) for init in related) + _payload_bytes(book)
-        found[name] = {"k": k, "bits": index_bits(k), "n_codebooks": groups, "index_dtype": index_dtype,
-                       "stored_bytes": stored}
+            if offsets is not None:
+                values = np.unique(numpy_helper.to_array(offsets))
+                k = int(values[1] - values[0]) if len(values) > 1 else book_size
+                groups = book_size // k
+            else:
+                k, groups = book_size, 1
+            if index is not None and index.data_type != onnx.TensorProto.UINT8 or shape_init is None:
+                index_dtype = onnx.TensorProto.DataType.Name(index.data_type) if index is not None else "?"
+                shape = [int(d) for d in index.dims] if index is not None else []
+            else:
+                index_dtype = f"packed:{int(index.dims[1])}" if index is not None and len(index.dims) == 2 else "UINT8"
+                shape = [int(v) for v in numpy_helper.to_array(shape_init)]
+        params = int(np.prod(shape)) if shape else 1
+        stored = sum(_payload_bytes(t) for t in own.values())
+        found[name] = {"shape": shape, "params": params, "k": k, "bits": index_bits(k), "n_codebooks": groups,
+                       "index_dtype": index_dtype, "stored_bytes": stored}
     return found
 
 
@@ -76,19 +79,17 @@ def inspect_model(path: str | Path) -> tuple[list[dict], dict]:
         rows.append({"name": w.name, "op_type": w.op_type, "shape": list(w.shape), "params": w.params,
                      "dtype": w.dtype, "status": "shareable", "reason": ""})
     shared = shared_tensors(model)
-    producers = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, str] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, node.op_type)
+    dtype_of = {init.name: init.data_type for init in model.graph.initializer}
     for name, info in shared.items():
-        node = producers[name]
-        rows.append({"name": name, "op_type": consumers.get(name, ""), "shape": [], "params": 0, "dtype": "",
+        rows.append({"name": name, "op_type": consumers.get(name, ""), "dtype": _dtype_name(dtype_of.get(name + ".codebook")),
                      "status": "shared", "reason": "", **info})
-    shared_parts = {f"{name}.{suffix}" for name in shared for suffix in ("codebook", "indices")}
     for s in discovery.skipped:
-        if s.name in shared_parts or any(s.name.startswith(n + ".") for n in shared):
-            continue
+        if any(s.name.startswith(n + ".") for n in shared) or s.name.startswith("onnxws."):
+            continue  # the pieces of a shared tensor are listed as that tensor
         rows.append({"name": s.name, "op_type": s.op_type, "shape": list(s.shape), "params": s.params,
                      "dtype": s.dtype, "status": "skipped", "reason": s.reason})
     summary = {
@@ -97,7 +98,16 @@ def inspect_model(path: str | Path) -> tuple[list[dict], dict]:
         "skipped tensors": sum(1 for r in rows if r["status"] == "skipped"),
     }
     if shared:
+        full = sum(v["params"] * (16 if r["dtype"] == "float16" else 32) for r, v in
+                   ((r, shared[r["name"]]) for r in rows if r["status"] == "shared"))
+        theory = sum(v["params"] * v["bits"] + v["n_codebooks"] * v["k"] * 32 for v in shared.values())
         summary["shared tensors"] = len(shared)
+        summary["shared params"] = sum(v["params"] for v in shared.values())
         summary["shared stored bytes"] = sum(v["stored_bytes"] for v in shared.values())
-    _ = producers
+        summary["CR over shared tensors (theoretical)"] = round(full / max(theory, 1), 2)
+    summary["file bytes"] = Path(path).stat().st_size
     return rows, summary
+
+
+def _dtype_name(data_type: int | None) -> str:
+    return {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}.get(data_type, "")
