@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxws.atomic import write_atomic
 from onnxws.config import CompressConfig
 from onnxws.errors import InputError, OnnxwsError, UsageError
 from onnxws.loading import file_sha256
@@ -227,7 +227,7 @@ def write_summary(out_dir: Path, rows: list[BatchRow]) -> None:
         writer.writerow([r.model, r.status, _fmt(r.baseline, ".6f"), _fmt(r.final, ".6f"), _fmt(r.loss, ".4f"),
                          r.loss_unit, _fmt(r.ratio_theoretical, ".3f"), _fmt(r.ratio_file, ".3f"),
                          _fmt(r.scorings), _fmt(r.seconds, ".1f"), r.error])
-    _atomic_write(out_dir / "summary.csv", buf.getvalue())
+    write_atomic(out_dir / "summary.csv", buf.getvalue().encode())
     lines = ["# onnxws batch summary", "",
              "| model | status | baseline | final | loss | CR (shared, theoretical) | file ratio | scorings | seconds | error |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -242,15 +242,4 @@ def write_summary(out_dir: Path, rows: list[BatchRow]) -> None:
                      f"{_fmt(r.scorings)} | {_fmt(r.seconds, '.1f')} | {error} |")
     failed = sum(r.status == "failed" for r in rows)
     lines += ["", f"{len(rows)} model(s): {len(rows) - failed} succeeded or already done, {failed} failed."]
-    _atomic_write(out_dir / "summary.md", "\n".join(lines) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(out_dir / "summary.md", ("\n".join(lines) + "\n").encode())

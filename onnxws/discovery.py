@@ -9,7 +9,6 @@ permutation or reshape of the tensor: sharing the stored tensor is equivalent.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -140,27 +139,23 @@ def _uses(model: onnx.ModelProto) -> dict[str, list[_Use]]:
     return uses
 
 
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
 def _subgraph_uses(model: onnx.ModelProto) -> set[str]:
     """Names read inside subgraphs (If/Loop/Scan bodies): a weight used there is outer-scope."""
     names: set[str] = set()
-
-    def visit(graph: onnx.GraphProto) -> None:
+    pending = [sub for node in model.graph.node for sub in _subgraphs(node)]
+    while pending:
+        graph = pending.pop()
         for node in graph.node:
             names.update(node.input)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        visit(sub)
-
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                visit(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    visit(sub)
+            pending.extend(_subgraphs(node))
     return names
 
 
@@ -329,13 +324,7 @@ def _graph_order(model: onnx.ModelProto, tensors: dict) -> list[str]:
         for name in node.input:
             if name in tensors:
                 seen.setdefault(name)
-        for name in node.output:
-            if name in tensors and name not in seen:
-                pass
     for name in tensors:
         seen.setdefault(name)
     return list(seen)
 
-
-def match_any(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -40,8 +40,7 @@ from onnxws.network_search import (
     uniform_baseline,
     verify_full,
 )
-from onnxws.evaluation import evaluate_model
-from onnxws.scoring import Scorer
+from onnxws.scoring import Scorer, evaluate_model
 from onnxws.sharing import SharedWeight, index_bits
 
 logger = logging.getLogger(__name__)

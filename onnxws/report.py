@@ -8,8 +8,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
+
+from onnxws.atomic import write_atomic  # noqa: E402
 
 _PNG_META = {"Software": None}
 
@@ -35,17 +35,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_report(report: dict, out_dir: Path, *, config_toml: str | None = None) -> dict[str, Path]:
     """Write report.json, report.html, pareto.png, sensitivity.png (and config.toml) atomically."""
     out_dir = Path(out_dir)
@@ -54,13 +43,13 @@ def write_report(report: dict, out_dir: Path, *, config_toml: str | None = None)
     images = {"pareto": plot_pareto(clean), "sensitivity": plot_sensitivity(clean)}
     paths = {"json": out_dir / "report.json", "html": out_dir / "report.html",
              "pareto_png": out_dir / "pareto.png", "sensitivity_png": out_dir / "sensitivity.png"}
-    _atomic_write(paths["pareto_png"], images["pareto"])
-    _atomic_write(paths["sensitivity_png"], images["sensitivity"])
+    write_atomic(paths["pareto_png"], images["pareto"])
+    write_atomic(paths["sensitivity_png"], images["sensitivity"])
     if config_toml is not None:
         paths["config"] = out_dir / "config.toml"
-        _atomic_write(paths["config"], config_toml.encode())
-    _atomic_write(paths["html"], render_html(clean, images).encode())
-    _atomic_write(paths["json"], (json.dumps(clean, indent=2, allow_nan=False) + "\n").encode())
+        write_atomic(paths["config"], config_toml.encode())
+    write_atomic(paths["html"], render_html(clean, images).encode())
+    write_atomic(paths["json"], (json.dumps(clean, indent=2, allow_nan=False) + "\n").encode())
     return paths
 
 

@@ -902,13 +902,18 @@ def run_model(
     device: str = "auto",
     batch_size: int | None = None,
     threads: int | None = None,
+    keep_compact: bool = False,
 ) -> list[np.ndarray]:
-    """Outputs of ``model`` on all of ``data`` in a stock ``InferenceSession`` (default options).
+    """Outputs of ``model`` on all of ``data`` in a stock ``InferenceSession`` (default options;
+    ``keep_compact`` keeps shared weights compressed in memory, see onnxws.runtime).
 
     Raises:
         InputError: ONNX Runtime cannot load or run the model.
     """
+    from onnxws.runtime import CONSTANT_FOLDING
+
     providers, _ = resolve_providers(device)
+    disabled = [CONSTANT_FOLDING] if keep_compact else None
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
@@ -916,12 +921,14 @@ def run_model(
     batches = plan_batches(data, fixed or batch_size or default_batch_size(data), fixed)
     try:
         if model.ByteSize() < _PROTO_LIMIT:
-            sess = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            sess = ort.InferenceSession(model.SerializeToString(), options, providers=providers,
+                                        disabled_optimizers=disabled)
         else:  # protobuf cannot serialise it: hand the big tensors over in memory instead
             prepared = _prepare(model, [])
             values = [_ortvalue(a) for a in prepared.stored.values()]
             options.add_external_initializers(list(prepared.stored), values)
-            sess = ort.InferenceSession(prepared.model.SerializeToString(), options, providers=providers)
+            sess = ort.InferenceSession(prepared.model.SerializeToString(), options, providers=providers,
+                                        disabled_optimizers=disabled)
         per_batch = [sess.run(None, feeds) for feeds, _ in batches]
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         raise InputError(f"ONNX Runtime cannot run the model: {type(exc).__name__}: {_one_line(exc)}") from exc
