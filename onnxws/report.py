@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from onnxws.atomic import write_atomic  # noqa: E402
 
@@ -104,6 +105,9 @@ def plot_pareto(report: dict) -> bytes:
         top = max(3 * (budget or 1.0), 1e-3)
         ax.set_ylim(min(min(values), 0) - 0.05 * top, top)
     ax.set_xscale("log")
+    times = FuncFormatter(lambda value, _: f"{value:g}x")
+    ax.xaxis.set_major_formatter(times)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}x" if f"{value:g}"[0] in "235" else ""))
     ax.set_xlabel("compression ratio over shared tensors (theoretical)")
     ax.set_ylabel(f"accuracy loss ({_unit(report)})")
     name = Path(report.get("model", {}).get("path") or "model").name
