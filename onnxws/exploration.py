@@ -106,6 +106,7 @@ class SearchContext:
         time_budget: seconds for the whole exploration, or None.
         max_scorings: maximum evaluations requested (cache hits included), or None.
         progress: optional callback ``(stage, done, total, message)``.
+        clock, start: the clock and the instant the time budget counts from (default: now).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class SearchContext:
         max_scorings: int | None = None,
         progress: Callable[[str, int, int, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        start: float | None = None,
     ) -> None:
         self.layers = list(layers)
         self.by_name = {layer.name: layer for layer in self.layers}
@@ -134,7 +136,7 @@ class SearchContext:
         self.max_scorings = max_scorings
         self.progress = progress or (lambda stage, done, total, message: None)
         self._clock = clock
-        self._start = clock()
+        self._start = clock() if start is None else start  # the time budget counts from here
         self.scorings = 0
         self.scorings_by_stage: dict[str, int] = {}
         self.explored: list[Explored] = []

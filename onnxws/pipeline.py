@@ -182,7 +182,8 @@ def compress(
 
         baseline = {"search": scorer.baseline_search, "full": scorer.baseline_full}
         ctx = SearchContext(layers, evaluate, baseline, config.loss, config.loss_mode,
-                            time_budget=config.time_budget, max_scorings=config.max_scorings, progress=notify)
+                            time_budget=config.time_budget, max_scorings=config.max_scorings, progress=notify,
+                            clock=time.perf_counter, start=t_total)  # the time budget covers the whole run
         timings["setup"] = time.perf_counter() - t0
 
         # 4. Layer stage ---------------------------------------------------------------------
