@@ -105,7 +105,8 @@ def compress(
         data: evaluation data: .npz path, dict of arrays, or iterable of batch dicts; None
             uses the sidecar ``<stem>.npz`` / ``eval.npz`` beside a model path.
         loss: loss budget (overrides ``config.loss``), percentage points by default.
-        config: a CompressConfig (layered settings); ``options`` override its fields.
+        config: a CompressConfig (layered settings); ``options`` override its run options
+            (``loss_mode``, ``search_samples``, ``strategy``, ...) and ``granularity`` its global one.
         cache: score-cache path, True/None for the default location, False to disable.
         progress: callback ``(stage, done, total, message)``.
 
@@ -113,12 +114,15 @@ def compress(
         InputError, NothingToShareError, BudgetError, VerificationError (all OnnxwsError).
     """
     overrides = dict(options)
+    granularity = overrides.pop("granularity", None)
     if loss is not None:
         overrides["loss"] = loss
     if config is None:
         config = CompressConfig.from_dict({}, **overrides)
     elif overrides:
         config = _override(config, overrides)
+    if granularity is not None:
+        config = config.with_granularity(str(granularity))
     notify = progress or (lambda stage, done, total, message: None)
     timings: dict[str, float] = {}
     t_total = time.perf_counter()
@@ -251,7 +255,13 @@ def compress(
 
 def _override(config: CompressConfig, overrides: dict[str, Any]) -> CompressConfig:
     """A copy of ``config`` with run options replaced (validated again by the dataclass)."""
-    return dataclasses.replace(config, **overrides)
+    from onnxws.config import RUN_KEYS
+    from onnxws.errors import UsageError
+
+    unknown = sorted(set(overrides) - set(RUN_KEYS))
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(RUN_KEYS)}")
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _file_bytes(path: Path, proto: onnx.ModelProto) -> int:
