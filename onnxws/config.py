@@ -1,17 +1,27 @@
 """The resolved configuration of a compress run, layered like coremltools' optimization configs.
 
-Three layers decide a tensor's settings, most specific first: ``[tensor."<glob>"]`` (an exact
-name beats a glob, a longer glob beats a shorter one), ``[op_type.<OpType>]``, ``[global]``.
-A partial table overrides only the keys it sets. Validation happens in one place
-(``__post_init__``); every error names the key, the bad value and what is allowed.
+Three layers decide a tensor's settings, most specific first:
 
-Example (``min_params`` keeps small tensors such as LeNet-5's 150-weight first conv in):
+1. ``[tensor."<glob>"]``: an exact tensor name beats every glob; among matching globs
+   (``fnmatch.fnmatchcase``) the longest pattern wins. Two different patterns of the same
+   length that match one tensor are merged; if they set one key to different values that
+   is an error naming both.
+2. ``[op_type.<OpType>]``: the op type consuming the weight (``Conv``, ``Gemm``, ...).
+3. ``[global]``: every run option plus the tensor defaults.
+
+A partial table overrides only the keys it sets; the others come from the next layer down.
+Validation happens in one place (``CompressConfig.__post_init__``, driven by constraint
+tables); every error names the key, the bad value and what is allowed. Keys are snake_case
+only (``loss_mode``, not ``loss-mode``).
+
+Example: ``min_params`` is the smallest tensor (in elements) that is shared; the default 64
+keeps LeNet-5's first conv (6x1x5x5 = 150 weights) in and leaves 10-element biases out.
 
     [global]
     loss = 1.0
     min_params = 64
-    bits = [0, 1, 2, 3, 4, 5, 6, 7, 8]
-    granularity = "tensor"
+    bits = [0, 1, 2, 3, 4, 5, 6, 7, 8]   # allowed index widths; width b uses k = min(2**b, k_max)
+    granularity = "tensor"               # tensor | channel | group:N
     [op_type.Gemm]
     bits = [1, 2, 3, 4]
     [tensor."fc1.*"]
@@ -21,10 +31,12 @@ Example (``min_params`` keeps small tensors such as LeNet-5's 150-weight first c
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
+import logging
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,233 +51,394 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+logger = logging.getLogger(__name__)
+
 LOSS_MODES = ("absolute", "relative")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("predictor", "exhaustive", "greedy")
-TENSOR_KEYS = ("skip", "min_params", "bits", "k_max", "granularity")
+TABLES = ("global", "op_type", "tensor")
+#: Run options, in the order ``to_toml`` writes them (the field names of CompressConfig).
 RUN_KEYS = ("loss", "loss_mode", "device", "search_samples", "batch_size", "metric", "output", "strategy",
             "time_budget", "max_scorings", "seed", "opset")
+#: Keys of a tensor-settings table ([global], [op_type.X], [tensor."glob"]), in write order.
+TENSOR_KEYS = ("skip", "min_params", "bits", "k_max", "granularity")
+_MAX_BITS = 8
+_MAX_K = 256
+_MAX_SEED = 2**63 - 1  # TOML integers are signed 64-bit: keep the written config readable back
 
 
-@dataclass(frozen=True)
-class TensorSettings:
-    """What applies to one tensor after resolution."""
-
-    skip: bool = False
-    min_params: int = 64
-    bits: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8)
-    k_max: int = 256
-    granularity: Granularity = field(default_factory=Granularity)
-    source: str = "global"
-
-    def ks(self) -> list[int]:
-        """Candidate k per allowed width: ``min(2**b, k_max)``, duplicates dropped."""
-        return sorted({min(2**b, self.k_max) for b in self.bits})
+# -- constraint tables (scikit-learn style): key -> (type ok, value ok, what is allowed) ------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_tensor_table(table: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Validate a (partial) tensor-settings table; return it with normalised values."""
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_metric(v: str) -> bool:
+    module, _, function = v.partition(":")
+    return bool(module.strip()) and bool(function.strip())
+
+
+_Check = tuple[Callable[[Any], bool], Callable[[Any], bool], str]
+
+_RUN_CONSTRAINTS: dict[str, _Check] = {
+    "loss": (_is_real, lambda v: math.isfinite(v) and 0 <= v < 100,
+             "a number >= 0 and < 100 (percentage points, or percent of baseline with loss_mode = \"relative\")"),
+    "loss_mode": (_is_str, lambda v: v in LOSS_MODES, f"one of {', '.join(LOSS_MODES)}"),
+    "device": (_is_str, lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
+    "search_samples": (_is_int, lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (_is_int, lambda v: v >= 1, "an integer >= 1 (or omit it)"),
+    "metric": (_is_str, _is_metric, "\"package.module:function\""),
+    "output": (_is_str, lambda v: bool(v), "a non-empty model output name"),
+    "strategy": (_is_str, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+    "time_budget": (_is_real, lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0 (or omit it)"),
+    "max_scorings": (_is_int, lambda v: v >= 1, "an integer >= 1 (or omit it)"),
+    "seed": (_is_int, lambda v: 0 <= v <= _MAX_SEED, "an integer in 0..2**63-1"),
+    "opset": (_is_int, lambda v: v >= 7, "an ai.onnx opset number >= 7 (or omit it)"),
+}
+_NULLABLE = frozenset({"batch_size", "metric", "output", "time_budget", "max_scorings", "opset"})
+_FLOATS = frozenset({"loss", "time_budget"})  # stored as float so that the written TOML is stable
+
+_TENSOR_CONSTRAINTS: dict[str, _Check] = {
+    "skip": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
+    "min_params": (_is_int, lambda v: v >= 1, "an integer >= 1 (elements of the smallest tensor to share)"),
+    "bits": (lambda v: isinstance(v, (list, tuple)) and all(_is_int(b) for b in v),
+             lambda v: len(v) > 0 and all(0 <= b <= _MAX_BITS for b in v),
+             f"a non-empty list of integers in 0..{_MAX_BITS}, e.g. [2, 4, 8]"),
+    "k_max": (_is_int, lambda v: 1 <= v <= _MAX_K, f"an integer in 1..{_MAX_K}"),
+    "granularity": (lambda v: isinstance(v, (str, Granularity)), lambda v: True, "tensor, channel or group:N (N >= 1)"),
+}
+
+
+def _type_name(value: Any) -> str:
+    """TOML-ish name of a value's type, for error messages ("list of float" for [1.5])."""
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", dict: "table"}
+    if isinstance(value, (list, tuple)):
+        inner = sorted({_type_name(item) for item in value})
+        return f"list of {' and '.join(inner)}" if inner else "empty list"
+    return names.get(type(value), type(value).__name__)
+
+
+def _check(where: str, value: Any, constraint: _Check) -> None:
+    type_ok, value_ok, allowed = constraint
+    if not type_ok(value):
+        kind = _type_name(value)
+        raise UsageError(f"{where} = {value!r}: expected {allowed}, got {'an' if kind[0] in 'aeiou' else 'a'} {kind}")
+    if not value_ok(value):
+        raise UsageError(f"{where} = {value!r}: expected {allowed}")
+
+
+def _unknown_key(where: str, key: Any, allowed: Iterable[str], hint: str = "") -> UsageError:
+    allowed = list(allowed)
+    if isinstance(key, str) and "-" in key and key.replace("-", "_") in allowed:
+        hint = f" (keys are snake_case: write {key.replace('-', '_')!r})"
+    elif not hint and isinstance(key, str):
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return UsageError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def _check_tensor_table(table: Any, where: str) -> dict[str, Any]:
+    """Validate a (partial) tensor-settings table; return it normalised, keys in TENSOR_KEYS order.
+
+    ``bits`` becomes a sorted tuple without duplicates, ``granularity`` a Granularity.
+    """
+    if not isinstance(table, Mapping):
+        raise UsageError(f"{where} = {table!r}: expected a table with keys among {', '.join(TENSOR_KEYS)}")
+    for key in table:
+        if key not in _TENSOR_CONSTRAINTS:
+            hint = " (run options belong in [global])" if key in _RUN_CONSTRAINTS and where != "global" else ""
+            raise _unknown_key(where, key, TENSOR_KEYS, hint)
     out: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in TENSOR_KEYS:
-            raise UsageError(f"{where}: unknown key {key!r}; allowed: {', '.join(TENSOR_KEYS)}")
-        if key == "skip":
-            if not isinstance(value, bool):
-                raise UsageError(f"{where}.skip = {value!r}: expected true or false")
-        elif key == "min_params":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{where}.min_params = {value!r}: expected an integer >= 1")
-        elif key == "bits":
-            if (not isinstance(value, (list, tuple)) or not value
-                    or any(isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= 8 for b in value)):
-                raise UsageError(f"{where}.bits = {value!r}: expected a non-empty list of integers in 0..8")
+    for key in TENSOR_KEYS:
+        if key not in table:
+            continue
+        value = table[key]
+        _check(f"{where}.{key}", value, _TENSOR_CONSTRAINTS[key])
+        if key == "bits":
             value = tuple(sorted(set(value)))
-        elif key == "k_max":
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
-                raise UsageError(f"{where}.k_max = {value!r}: expected an integer in 1..256")
         elif key == "granularity":
-            if isinstance(value, Granularity):
-                pass
-            elif not isinstance(value, str):
-                raise UsageError(f"{where}.granularity = {value!r}: expected tensor, channel or group:N")
-            else:
-                try:
-                    value = Granularity.parse(value)
-                except ValueError as exc:
-                    raise UsageError(f"{where}.granularity: {exc}") from None
+            try:  # a Granularity object goes through parse() too, so a malformed one is caught here
+                value = Granularity.parse(str(value))
+            except ValueError:
+                raise UsageError(f"{where}.granularity = {value!r}: expected tensor, channel or group:N "
+                                 "(N >= 1 output channels per codebook)") from None
         out[key] = value
     return out
 
 
+def _plain(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A tensor-settings table as TOML/JSON values (lists, strings), keys in TENSOR_KEYS order."""
+    out: dict[str, Any] = {}
+    for key in TENSOR_KEYS:
+        if key in table:
+            value = table[key]
+            out[key] = list(value) if key == "bits" else str(value) if key == "granularity" else value
+    return out
+
+
+@dataclass(frozen=True)
+class TensorSettings:
+    """What applies to one tensor after resolution.
+
+    Attributes:
+        skip: leave the tensor unshared (reported as "excluded by config (<source>)").
+        min_params: tensors with fewer elements are not shared.
+        bits: allowed index widths (sorted, subset of 0..8).
+        k_max: upper bound of the k range (k_min = 1).
+        granularity: codebooks per tensor (tensor, channel, group:N).
+        source: the most specific layer that set a key: ``"global"``, ``"op_type.Conv"``,
+            ``'tensor."fc1.*"'`` (two equal-length globs: ``'tensor."a*" + tensor."b*"'``).
+    """
+
+    skip: bool = False
+    min_params: int = 64
+    bits: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+    k_max: int = _MAX_K
+    granularity: Granularity = field(default_factory=Granularity)
+    source: str = "global"
+
+    def ks(self) -> list[int]:
+        """Candidate k, ascending: ``min(2**b, k_max)`` per allowed width b, repeats dropped.
+
+        E.g. bits (0..8) with k_max 3 gives [1, 2, 3]: widths 2..8 all map to k = 3.
+        """
+        return sorted({min(2**b, self.k_max) for b in self.bits})
+
+    def table(self) -> dict[str, Any]:
+        """The settings as a full tensor table (no ``source``)."""
+        return {key: getattr(self, key) for key in TENSOR_KEYS}
+
+
 @dataclass
 class CompressConfig:
-    """Every setting of a compress run (CLI options, TOML file, or Python)."""
+    """Every setting of a compress run that changes its result (CLI options, TOML file or Python).
 
+    Paths and flags that do not change the result (output paths, ``--force``, ``--quiet``,
+    the cache) are not part of it. Construct directly, with ``from_dict`` / ``from_toml``
+    (the TOML structure of DESIGN.md), or copy with ``with_options``. Invalid values raise
+    UsageError.
+    """
+
+    # run options (loss in percentage points, or percent of baseline when loss_mode is "relative")
     loss: float = 1.0
     loss_mode: str = "absolute"
     device: str = "auto"
     search_samples: int = 2000
     batch_size: int | None = None
-    metric: str | None = None
-    output: str | None = None
+    metric: str | None = None          # "package.module:function"
+    output: str | None = None          # model output the metric reads
     strategy: str = "predictor"
-    time_budget: float | None = None
+    time_budget: float | None = None   # seconds
     max_scorings: int | None = None
     seed: int = 0
     opset: int | None = None
+    # tensor selection: the [global] defaults and the partial override tables
     global_settings: TensorSettings = field(default_factory=TensorSettings)
     op_type: dict[str, dict[str, Any]] = field(default_factory=dict)
     tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        def number(name: str, value: Any, kind: type, low: float, high: float | None = None, allow_none=False):
-            if value is None and allow_none:
-                return
-            ok = isinstance(value, kind) and not isinstance(value, bool) if kind is int else \
-                isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok or not math.isfinite(value) or value < low or (high is not None and value >= high):
-                bound = f">= {low}" + (f" and < {high}" if high is not None else "")
-                raise UsageError(f"{name} = {value!r}: expected a {'whole ' if kind is int else ''}number {bound}")
+        for key, constraint in _RUN_CONSTRAINTS.items():
+            value = getattr(self, key)
+            if value is None and key in _NULLABLE:
+                continue
+            _check(key, value, constraint)
+            if key in _FLOATS:
+                setattr(self, key, float(value))
+        if not isinstance(self.global_settings, TensorSettings):
+            raise UsageError(f"global_settings = {self.global_settings!r}: expected a TensorSettings")
+        table = _check_tensor_table(self.global_settings.table(), "global")
+        self.global_settings = TensorSettings(**table)
+        self.op_type = self._check_layer("op_type", self.op_type, lambda op: f"op_type.{op}")
+        self.tensor = self._check_layer("tensor", self.tensor, lambda pattern: f'tensor."{pattern}"')
 
-        number("loss", self.loss, float, 0.0, 100.0)
-        if self.loss_mode not in LOSS_MODES:
-            raise UsageError(f"loss_mode = {self.loss_mode!r}: expected one of {', '.join(LOSS_MODES)}")
-        if self.device not in DEVICES:
-            raise UsageError(f"device = {self.device!r}: expected one of {', '.join(DEVICES)}")
-        if self.strategy not in STRATEGIES:
-            raise UsageError(f"strategy = {self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
-        number("search_samples", self.search_samples, int, 1)
-        number("batch_size", self.batch_size, int, 1, allow_none=True)
-        number("time_budget", self.time_budget, float, 1e-6, allow_none=True)
-        number("max_scorings", self.max_scorings, int, 1, allow_none=True)
-        number("seed", self.seed, int, 0)
-        number("opset", self.opset, int, 7, allow_none=True)
-        for name in ("metric", "output"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise UsageError(f"{name} = {value!r}: expected a non-empty string")
-        if self.metric is not None and ":" not in self.metric:
-            raise UsageError(f"metric = {self.metric!r}: expected package.module:function")
-        self.op_type = {op: _check_tensor_table(t, f"op_type.{op}") for op, t in self.op_type.items()}
-        self.tensor = {pat: _check_tensor_table(t, f'tensor."{pat}"') for pat, t in self.tensor.items()}
+    @staticmethod
+    def _check_layer(name: str, layer: Any, label: Callable[[str], str]) -> dict[str, dict[str, Any]]:
+        if not isinstance(layer, Mapping):
+            raise UsageError(f"{name} = {layer!r}: expected a table of tables, e.g. [{label('X')}] skip = true")
+        out = {}
+        for key, table in layer.items():
+            if not isinstance(key, str) or not key:
+                raise UsageError(f"{name} key {key!r}: expected a non-empty string")
+            out[key] = _check_tensor_table(table, label(key))
+        return out
 
-    # -- resolution ------------------------------------------------------------------------
+    # -- resolution ------------------------------------------------------------------------------------------
     def settings_for(self, name: str, op_type: str) -> TensorSettings:
-        """Settings of one tensor: tensor pattern > op type > global (partial tables merge)."""
-        resolved = dataclasses.asdict(self.global_settings)
-        resolved["granularity"] = self.global_settings.granularity
-        source = "global"
-        if op_type in self.op_type:
-            resolved.update(self.op_type[op_type])
-            source = f"op_type.{op_type}"
-        match = self._tensor_match(name)
-        if match is not None:
-            resolved.update(self.tensor[match])
-            source = f'tensor."{match}"'
-        resolved["source"] = source
-        return TensorSettings(**resolved)
+        """Settings of one tensor: tensor pattern > op type > global; partial tables merge.
 
-    def _tensor_match(self, name: str) -> str | None:
+        Args:
+            name: the tensor's name in the graph.
+            op_type: the op type consuming it as a weight (e.g. "Conv").
+
+        Raises:
+            UsageError: two equal-length globs match ``name`` and set a key to different values.
+        """
+        resolved = self.global_settings.table()
+        source = "global"
+        op_table = self.op_type.get(op_type)
+        if op_table:
+            resolved.update(op_table)
+            source = f"op_type.{op_type}"
+        tensor_table, tensor_source = self._tensor_layer(name)
+        if tensor_table:
+            resolved.update(tensor_table)
+            source = tensor_source
+        return TensorSettings(**resolved, source=source)
+
+    def _tensor_layer(self, name: str) -> tuple[dict[str, Any], str]:
+        """The tensor-layer table that applies to ``name`` and its source label ({} if none)."""
         if name in self.tensor:
-            return name
+            return self.tensor[name], f'tensor."{name}"'
         hits = [p for p in self.tensor if fnmatch.fnmatchcase(name, p)]
         if not hits:
-            return None
+            return {}, ""
         longest = max(len(p) for p in hits)
         best = sorted(p for p in hits if len(p) == longest)
-        for other in best[1:]:
-            if self.tensor[other] != self.tensor[best[0]]:
-                raise UsageError(f'tensor "{name}" matches both tensor."{best[0]}" and tensor."{other}" with '
-                                 "different settings; make one pattern more specific")
-        return best[0]
+        merged: dict[str, Any] = {}
+        decided_by: dict[str, str] = {}
+        for pattern in best:
+            for key, value in self.tensor[pattern].items():
+                if key in merged and merged[key] != value:
+                    other = decided_by[key]
+                    raise UsageError(
+                        f'tensor "{name}" matches tensor."{other}" ({key} = {_plain({key: merged[key]})[key]!r}) and '
+                        f'tensor."{pattern}" ({key} = {_plain({key: value})[key]!r}), patterns of equal length; '
+                        "make one pattern longer (more specific) or add an exact [tensor.\"<name>\"] table")
+                merged[key] = value
+                decided_by[key] = pattern
+        merged = {key: merged[key] for key in TENSOR_KEYS if key in merged}
+        return merged, " + ".join(f'tensor."{p}"' for p in best)
 
     def check_patterns(self, names: Iterable[str], op_types: Iterable[str]) -> None:
-        """Every tensor pattern must match a tensor and every op-type table an op of the model."""
-        names = list(names)
-        op_types = set(op_types)
+        """Fail on config tables that select nothing in this model (DESIGN.md: such patterns are errors).
+
+        Args:
+            names: the model's tensor names.
+            op_types: the op types of the model's nodes.
+
+        Raises:
+            UsageError: naming every tensor pattern that matches no name and every op_type table
+                whose op type is absent, with the closest names present.
+        """
+        names = list(dict.fromkeys(names))
+        present = sorted(set(op_types))
+        problems = []
         for pattern in self.tensor:
-            if not any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise UsageError(f'config tensor."{pattern}" matches no tensor of the model; check the name '
-                                 "(onnxws inspect MODEL lists them)")
+            matched = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+            logger.debug('config tensor."%s" matches %d tensor(s)', pattern, len(matched))
+            if not matched:
+                close = difflib.get_close_matches(pattern, names, n=3)
+                hint = f"closest names: {', '.join(close)}" if close else f"the model has {len(names)} tensors"
+                problems.append(f'tensor."{pattern}" matches no tensor of the model ({hint})')
         for op in self.op_type:
-            if op not in op_types:
-                raise UsageError(f"config op_type.{op} names an op type absent from the model "
-                                 f"(present: {', '.join(sorted(op_types))})")
+            if op not in present:
+                close = difflib.get_close_matches(op, present, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                problems.append(f"op_type.{op} names an op type absent from the model ({hint}"
+                                f"present: {', '.join(present) or 'none'})")
+        if problems:
+            raise UsageError("config: " + "; ".join(problems) +
+                             ". Fix or remove these tables (`onnxws inspect MODEL` lists the weights and op types)")
+
+    # -- copies ----------------------------------------------------------------------------------------------
+    def with_options(self, **options: Any) -> CompressConfig:
+        """A validated copy with run options and [global] tensor keys replaced (None values ignored)."""
+        run: dict[str, Any] = {}
+        glob: dict[str, Any] = {}
+        for key, value in options.items():
+            if value is None:
+                continue
+            if key in _RUN_CONSTRAINTS:
+                run[key] = value
+            elif key in _TENSOR_CONSTRAINTS:
+                glob[key] = value
+            else:
+                raise _unknown_key("option", key, RUN_KEYS + TENSOR_KEYS)
+        if glob:
+            table = {**self.global_settings.table(), **_check_tensor_table(glob, "global")}
+            run["global_settings"] = TensorSettings(**table)
+        return dataclasses.replace(self, **run) if run else self
 
     def with_granularity(self, text: str) -> CompressConfig:
         """A copy whose global granularity is ``text`` (tensor, channel, group:N)."""
-        table = _check_tensor_table({"granularity": text}, "granularity")
-        return dataclasses.replace(self, global_settings=dataclasses.replace(self.global_settings, **table))
+        return self.with_options(granularity=text)
 
-    # -- (de)serialisation -----------------------------------------------------------------
+    # -- (de)serialisation -----------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> CompressConfig:
-        """From the TOML structure (``global``, ``op_type``, ``tensor`` tables); overrides win."""
-        unknown = set(data) - {"global", "op_type", "tensor"}
-        if unknown:
-            raise UsageError(f"config: unknown table(s) {', '.join(sorted(unknown))}; allowed: global, op_type, tensor")
-        glob = dict(data.get("global", {}))
+        """From the TOML structure (``global``, ``op_type``, ``tensor`` tables); non-None overrides win.
+
+        Overrides are run options or [global] tensor keys (``granularity="channel"``), as the CLI gives them.
+        """
+        if not isinstance(data, Mapping):
+            raise UsageError(f"config: expected a table (dict) with {', '.join(TABLES)}, got {_type_name(data)}")
+        for key in data:
+            if key not in TABLES:
+                hint = (" (run options and tensor defaults go in [global])"
+                        if key in _RUN_CONSTRAINTS or key in _TENSOR_CONSTRAINTS else "")
+                raise UsageError(f"config: unknown top-level key or table {key!r}{hint}; allowed tables: "
+                                 '[global], [op_type.<OpType>], [tensor."<glob>"]')
+        glob = data.get("global", {})
+        if not isinstance(glob, Mapping):
+            raise UsageError(f"config: global = {glob!r}: expected a [global] table")
         run: dict[str, Any] = {}
         tensor_part: dict[str, Any] = {}
         for key, value in glob.items():
-            if key in RUN_KEYS:
+            if key in _RUN_CONSTRAINTS:
                 run[key] = value
-            elif key in TENSOR_KEYS:
+            elif key in _TENSOR_CONSTRAINTS:
                 tensor_part[key] = value
             else:
-                allowed = ", ".join(RUN_KEYS + TENSOR_KEYS)
-                hint = f" (did you mean {key.replace('-', '_')!r}? keys use snake_case)" if "-" in key else ""
-                raise UsageError(f"config [global]: unknown key {key!r}{hint}; allowed: {allowed}")
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            if key not in RUN_KEYS:
-                raise UsageError(f"unknown option {key!r}; allowed: {', '.join(RUN_KEYS)}")
-            run[key] = value
-        for name in ("op_type", "tensor"):
-            table = data.get(name, {})
-            if not isinstance(table, Mapping) or any(not isinstance(v, Mapping) for v in table.values()):
-                raise UsageError(f"config [{name}.*] entries must be tables")
-        settings = TensorSettings(**_check_tensor_table(tensor_part, "global"))
-        if isinstance(run.get("loss"), int) and not isinstance(run.get("loss"), bool):
-            run["loss"] = float(run["loss"])
-        if isinstance(run.get("time_budget"), int) and not isinstance(run.get("time_budget"), bool):
-            run["time_budget"] = float(run["time_budget"])
-        return cls(**run, global_settings=settings,
-                   op_type={k: dict(v) for k, v in data.get("op_type", {}).items()},
-                   tensor={k: dict(v) for k, v in data.get("tensor", {}).items()})
+                raise _unknown_key("[global]", key, RUN_KEYS + TENSOR_KEYS)
+        config = cls(**run, global_settings=TensorSettings(**_check_tensor_table(tensor_part, "global")),
+                     op_type=cls._mapping(data, "op_type"), tensor=cls._mapping(data, "tensor"))
+        return config.with_options(**overrides)
+
+    @staticmethod
+    def _mapping(data: Mapping[str, Any], name: str) -> Any:
+        layer = data.get(name, {})
+        return {k: dict(v) if isinstance(v, Mapping) else v for k, v in layer.items()} \
+            if isinstance(layer, Mapping) else layer
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> CompressConfig:
+        """Read a TOML config file (UTF-8); non-None overrides (CLI options) win over the file."""
         try:
-            data = tomllib.loads(Path(path).read_text())
+            text = Path(path).read_bytes().decode("utf-8")
         except OSError as exc:
             raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"config {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"config {path} is not valid TOML: {exc}") from exc
-        return cls.from_dict(data, **overrides)
+        try:
+            config = cls.from_dict(data)
+        except UsageError as exc:
+            raise UsageError(f"config {path}: {exc}") from None
+        return config.with_options(**overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        """The TOML structure (JSON-able), None values omitted."""
+        """The TOML structure as JSON-able values: None values omitted, deterministic key order."""
         glob: dict[str, Any] = {k: getattr(self, k) for k in RUN_KEYS if getattr(self, k) is not None}
-        g = self.global_settings
-        glob.update({"min_params": g.min_params, "bits": list(g.bits), "k_max": g.k_max,
-                     "granularity": str(g.granularity)})
-        if g.skip:
-            glob["skip"] = True
-
-        def plain(table: Mapping[str, Any]) -> dict[str, Any]:
-            return {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Granularity) else v)
-                    for k, v in table.items()}
-
+        glob.update(_plain(self.global_settings.table()))
         out: dict[str, Any] = {"global": glob}
         if self.op_type:
-            out["op_type"] = {op: plain(t) for op, t in sorted(self.op_type.items())}
+            out["op_type"] = {op: _plain(t) for op, t in sorted(self.op_type.items())}
         if self.tensor:
-            out["tensor"] = {p: plain(t) for p, t in sorted(self.tensor.items())}
+            out["tensor"] = {p: _plain(t) for p, t in sorted(self.tensor.items())}
         return out
 
     def to_toml(self) -> str:
         """The resolved config as TOML: ``from_toml`` on it gives an equal config."""
-        return "# onnxws resolved configuration: `onnxws compress MODEL --config config.toml` reproduces the run\n" + \
-            tomli_w.dumps(self.to_dict())
+        return ("# onnxws resolved configuration: `onnxws compress MODEL --config config.toml` reproduces the run\n"
+                + tomli_w.dumps(self.to_dict()))
