@@ -1,408 +1,1002 @@
 """Emit stage: write shared weights into the graph (DESIGN.md "Encoding contract").
 
-Each shared weight ``W`` is rebuilt in-graph as ``Gather(<W>.codebook, Cast(<W>.indices))``:
+Each shared weight ``W`` (an initializer or a ``Constant`` output of the main graph) is rebuilt
+in-graph as ``Gather(<W>.codebook, Cast(<W>.indices -> INT32), axis=0)``, producing ``W``'s name:
 
-- index widths with a native ONNX type are stored in it: UINT2 (opset >= 25), UINT4
-  (opset >= 21), UINT8. The model's opset is raised for them when the version converter
-  succeeds *and* the converted model gives the same outputs in ORT; otherwise the widths are
-  packed (below) and the reason is recorded.
-- other widths (1, 3, 5, 6, 7 bits, and 2/4 when no native type is allowed) are packed into a
-  dense little-endian bit stream ``<W>.indices`` (UINT8, ``ceil(n*b/8)`` bytes rounded up to
-  whole groups of 8 indices, i.e. b bytes per 8 indices). Eight consecutive indices occupy
-  exactly b bytes, so the stream is viewed as [n/8, b] and each of the 8 index positions is
-  read with two column Gathers, ``(lo + 256*hi) / 2**shift mod 2**b`` (int32 arithmetic, opset 11+
-  ops only), then reshaped to W. The constants are [8]-sized: no per-element helper tensor.
-- groups of channels (per-channel / grouped codebooks) add ``group_id * k`` to the indices
-  (a small int32 offset tensor along the channel axis) and Gather from the flat [G*k] codebook.
-- k = 1 (0 bits): ``Expand`` of the single value (or of the per-group values) to W's shape.
+- index widths with a native ONNX type are stored in it: UINT2 (opset >= 25), UINT4 (opset >= 21),
+  UINT8. The default-domain opset is raised for them when ``onnx.version_converter`` succeeds *and*
+  the converted model gives the same outputs in ORT on random inputs; otherwise the widths are
+  packed (below) and ``EncodeResult.notes`` says why.
+- other widths (1, 3, 5, 6, 7 bits, and 2/4 bits where the native type is not allowed) are packed
+  into a dense little-endian bit stream ``<W>.indices``, UINT8 [m, b] with m = ceil(n/8) (n*b/8
+  bytes, rounded up to whole 8-index words; see ``pack_indices``). Its bytes are b contiguous
+  planes of m bytes (plane j = byte j of every word; word r holds indices r, r+m, ..., r+7m), so
+  unpacking reshapes it to [b, m], gathers whole planes (axis 0) for the low and high byte of each
+  of the 8 runs ([8]-sized constants), then, from opset 14, in uint8:
+  ``((lo >> s) + (hi << (8 - s))) mod 2**b`` (BitShift, Add, Mod), reshapes to W, casts to INT32.
+  Below opset 14 (no uint8 Add) the same arithmetic runs in int32 (Cast, Mul, Add, Div, Mod;
+  opset 10). Packing asks for opset 14 when the opset may be raised.
+- grouped codebooks (channel / group:N granularity) add ``group_id * k`` (``<W>.offsets``, int32,
+  shape broadcastable along the channel axis) to the indices and gather from the flat [G*k] codebook.
+- k = 1 (0 bits): ``Expand(<W>.codebook, <W>.shape)``: the single value (or one per channel for
+  grouped codebooks) broadcast to W's shape, no index tensor.
 
-Graph surgery goes through onnx-graphsurgeon; only the edges touch protobuf (narrow index
-types are swapped in after export, since graphsurgeon holds numpy arrays).
+Unpacking measured on a ResNet-50-shaped model (25.5 M shared weights, ``tools/bench_encoding.py``,
+ORT session creation with one intra-op thread, CPU s / peak RSS, medians of 5): float model
+0.27 s / 306 MB; native UINT8/UINT4/UINT2 indices 0.47-0.50 s / 320-332 MB; bit streams with the
+uint8 unpacking 0.56-0.60 s / 377-395 MB (1, 2, 4 bits: no index straddles two bytes) and
+0.63-0.70 s / 461-492 MB (3, 5, 6, 7 bits); the int32 unpacking 1.38 s / 951 MB (5 bits). Earlier
+layouts measured worse: words stored row-wise ([m, b], gathering 8 columns along axis 1) doubled
+the gather time (75-80 ms vs 35-46 ms for one 2.36 M-weight tensor), and int32 arithmetic on the
+whole stream used 920 MB. Bitwise ops (opset 18) instead of Add/Mod saved < 5% and need a higher
+opset, so they are not used.
+
+Graph surgery edits the protobuf directly (onnx helpers) rather than through onnx-graphsurgeon:
+measured with onnx-graphsurgeon 0.6.1 / onnx 1.23.2, a gs import/export round trip drops the model's
+doc_string, domain and model_version, node doc strings and metadata_props, graph and model
+metadata_props, sparse initializers, unused value_info and initializers listed as graph inputs,
+and copies every outer-scope initializer read by an If/Loop body into that body (duplicating
+weights). Every decode node reads only initializers, so prepending the new nodes keeps the node
+list topologically sorted; everything else in the model is left as it was. Raising the opset
+runs ``onnx.version_converter`` on a copy whose large initializers are external-data placeholders
+(no 2 GB limit, no weight copies; ORT gets them through ``add_external_initializers``), keeps only
+the converted nodes and new constants, and puts back what the converter drops (functions, node
+metadata, initializer doc strings, unused value_info, graph metadata).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
-from onnx import TensorProto, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
+from onnxws.errors import InputError, UsageError
 from onnxws.sharing import SharedWeight
 
 logger = logging.getLogger(__name__)
 
 UINT4_OPSET = 21
 UINT2_OPSET = 25
-PACK_OPSET = 11  # Range-free unpacking needs Gather/Mod/Div/Reshape/Slice(inputs) from opset 10-11
-_NATIVE = {2: ("UINT2", UINT2_OPSET), 4: ("UINT4", UINT4_OPSET), 8: ("UINT8", 1)}
+PACK_OPSET = 10  # int32 unpacking: Mod (10), Slice with inputs (10), Div/Mul/Add with broadcasting (7)
+PACK_UINT8_OPSET = 14  # uint8 unpacking: BitShift (11), Add on uint8 (14)
+EXPAND_OPSET = 8
+MIN_OPSET = 6  # Cast with an integer ``to`` attribute
+_NATIVE = {8: ("UINT8", 1), 4: ("UINT4", UINT4_OPSET), 2: ("UINT2", UINT2_OPSET)}
+_ML_DTYPES = {"UINT4": ml_dtypes.uint4, "UINT2": ml_dtypes.uint2}
+_PROTOBUF_LIMIT = 2**31 - 1
+_LIGHT_MIN_BYTES = 1024  # larger initializers are swapped out while converting; shapes, axes, pads stay inline for the adapters
+_PLACEHOLDER = "onnxws-placeholder"  # external-data location of swapped-out tensors (never read from disk)
+_VERIFY_RTOL, _VERIFY_ATOL = 1e-5, 1e-6
+_DECODE_BATCH_BYTES = 1 << 30  # decoded_weights: initializer bytes per ORT sub-model
 
 
 @dataclass
 class EncodedTensor:
-    """Per shared tensor, for the report."""
+    """How one shared tensor was written (for the report).
+
+    Attributes:
+        name: the weight's tensor name (now the output of its decode subgraph).
+        k: shared values per codebook.
+        bits: index width, ``ceil(log2 k)``.
+        n_codebooks: G (1 for per-tensor sharing).
+        index_dtype: ``"UINT8"``, ``"UINT4"``, ``"UINT2"``, ``"packed:<b>"`` (dense bit stream of
+            width b in a UINT8 tensor) or ``"none"`` (k = 1).
+        stored_bytes: bytes of the initializers that now represent this weight (codebook,
+            indices, offsets, shape); helpers shared by all tensors of one width are not counted.
+    """
 
     name: str
     k: int
     bits: int
     n_codebooks: int
-    index_dtype: str  # "UINT8" | "UINT4" | "UINT2" | "packed:<b>" | "none"
+    index_dtype: str
     stored_bytes: int
 
 
 @dataclass
 class EncodeResult:
+    """The encoded model and what was done to it.
+
+    Attributes:
+        model: the new model (the input is not modified).
+        opset: default-domain opset of ``model``.
+        tensors: one entry per shared weight, in the order given.
+        notes: human-readable decisions: opset raised (and verified) or kept and why, widths
+            left in a wider container.
+    """
+
     model: onnx.ModelProto
     opset: int
     tensors: list[EncodedTensor]
     notes: list[str] = field(default_factory=list)
 
 
+# --------------------------------------------------------------------------------------------
+# Layout planning
+# --------------------------------------------------------------------------------------------
+
+
 def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain (``ai.onnx``) opset version, 0 if it imports none."""
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):
             return int(op.version)
     return 0
 
 
-def _plan_layout(bits: int, opset: int, pack: bool) -> str:
-    """How indices of ``bits`` width are stored at ``opset``."""
+def plan_layout(bits: int, opset: int, pack: bool = True) -> str:
+    """How indices of ``bits`` width are stored at ``opset``.
+
+    Returns ``"none"`` (k = 1), a native type name (``"UINT8"``, ``"UINT4"``, ``"UINT2"``) or
+    ``"packed:<bits>"``. A native type of exactly ``bits`` wins; otherwise a bit stream when
+    ``pack`` (and the opset has the unpacking ops); otherwise the narrowest native container.
+    """
     if bits == 0:
-        return "none"
-    native = [(w, name) for w, (name, need) in sorted(_NATIVE.items()) if w >= bits and opset >= need]
-    if native and native[0][0] == bits:
-        return native[0][1]
-    if pack and opset >= PACK_OPSET and bits < 8:
+        return "none" if opset >= EXPAND_OPSET else "UINT8"
+    allowed = [(width, name) for width, (name, need) in sorted(_NATIVE.items()) if width >= bits and opset >= need]
+    if allowed[0][0] == bits:
+        return allowed[0][1]
+    if pack and opset >= PACK_OPSET:
         return f"packed:{bits}"
-    return native[0][1] if native else "UINT8"
+    return allowed[0][1]
 
 
-def _wanted_opset(shared: Sequence[SharedWeight], current: int) -> int:
-    want = current
-    for sw in shared:
-        if sw.bits in _NATIVE:
-            want = max(want, _NATIVE[sw.bits][1])
-    return min(want, onnx.defs.onnx_opset_version())
+def _needed_opset(bits: int, pack: bool) -> int:
+    """Lowest opset at which ``bits`` gets its best layout (no wasted container bits)."""
+    if bits == 0:
+        return EXPAND_OPSET
+    if bits in _NATIVE:
+        return _NATIVE[bits][1]
+    if pack:
+        return PACK_UINT8_OPSET
+    return UINT2_OPSET if bits <= 2 else UINT4_OPSET if bits <= 4 else 1
 
 
-def _convert_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto | None, str]:
-    """Version-convert and check that ORT gives the same outputs; (None, why) if not safe."""
-    from onnx import version_converter
-
-    try:
-        converted = version_converter.convert_version(model, target)
-        onnx.checker.check_model(converted)
-    except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors
-        return None, f"version converter failed ({' '.join(str(exc).split())[:120]})"
-    try:
-        same = _same_outputs(model, converted)
-    except Exception as exc:  # noqa: BLE001
-        return None, f"ORT could not run the converted model ({' '.join(str(exc).split())[:120]})"
-    if not same:
-        return None, "the converted model's outputs differ from the original's"
-    converted.ir_version = max(converted.ir_version, model.ir_version)
-    return converted, ""
+def _layout_bits(layout: str, bits: int) -> int:
+    """Bits per index that ``layout`` spends on disk."""
+    return {"none": 0, "UINT8": 8, "UINT4": 4, "UINT2": 2}.get(layout, bits)
 
 
-def _random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    inits = {i.name for i in model.graph.initializer}
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in tt.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.normal(size=shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[vi.name] = rng.integers(0, 2, size=shape).astype(bool)
-        else:
-            feeds[vi.name] = rng.integers(0, 8, size=shape).astype(dtype)
-    return feeds
+# --------------------------------------------------------------------------------------------
+# Bit-stream packing (NumPy side; the graph side is _Writer._packed)
+# --------------------------------------------------------------------------------------------
 
 
-def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    import onnxruntime as ort
+def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
+    """Dense bit stream of ``indices`` (values < 2**bits, 1 <= bits <= 8), as ``bits`` byte planes.
 
-    feeds = _random_feeds(a)
-    out_a = ort.InferenceSession(a.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    out_b = ort.InferenceSession(b.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    return all(x.shape == y.shape and np.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True) for x, y in zip(out_a, out_b))
+    The n indices (zero-padded to 8m, m = ceil(n/8)) are cut into 8 runs of m; word r packs
+    indices r, r+m, ..., r+7m little-endian at bit offsets 0, b, ..., 7b (8*b bits = b bytes).
+    Plane j holds byte j of every word, so unpacking gathers whole contiguous planes.
 
-
-def _pack_stream(indices: np.ndarray, bits: int) -> np.ndarray:
-    """Dense little-endian bit stream: [ceil(n/8), bits] uint8 (b bytes per 8 indices)."""
-    flat = indices.reshape(-1).astype(np.uint64)
-    groups = -(-len(flat) // 8)
-    padded = np.zeros(groups * 8, dtype=np.uint64)
-    padded[: len(flat)] = flat
-    words = np.zeros(groups, dtype=np.uint64)  # 8 indices * <= 8 bits fit in 64 bits
+    Returns:
+        uint8 [bits, m]: n*b/8 bytes rounded up to whole words.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits}: packing needs 1..8 bits per index")
+    flat = np.asarray(indices).reshape(-1).astype(np.uint64)
+    m = -(-flat.size // 8)
+    runs = np.zeros(8 * m, dtype=np.uint64)
+    runs[: flat.size] = flat
+    runs = runs.reshape(8, m)
+    words = np.zeros(m, dtype=np.uint64)  # 8 indices of <= 8 bits fit in 64 bits
     for t in range(8):
-        words |= padded[t::8] << np.uint64(t * bits)
-    as_bytes = words.astype("<u8").view(np.uint8).reshape(groups, 8)
-    return np.ascontiguousarray(as_bytes[:, :bits])
+        words |= runs[t] << np.uint64(t * bits)
+    as_bytes = words.astype("<u8").view(np.uint8).reshape(m, 8)
+    return np.ascontiguousarray(as_bytes[:, :bits].T)
 
 
-def _unpack_reference(stream: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """NumPy mirror of the in-graph unpacking (used by the tests)."""
-    lo_cols, hi_cols, divisors = _unpack_columns(bits)
-    b = stream.astype(np.int64)
-    vals = (b[:, lo_cols] + 256 * b[:, hi_cols]) // divisors % (1 << bits)
-    return vals.reshape(-1)[:n]
-
-
-def _unpack_columns(bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _unpack_columns(bits: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Per run t in 0..7: (plane of its low bits, plane of its high bits or None when no index
+    straddles two bytes, bit offset of the index in its low byte)."""
     offsets = np.arange(8) * bits
     lo = offsets // 8
-    hi = np.minimum(lo + 1, bits - 1)
-    return lo.astype(np.int64), hi.astype(np.int64), (1 << (offsets % 8)).astype(np.int32)
+    hi = None if 8 % bits == 0 else np.minimum(lo + 1, bits - 1)
+    return lo, hi, offsets % 8
 
 
-class _Emitter:
-    """Builds the decode subgraph of one weight in a graphsurgeon graph."""
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self.graph = graph
-        self.swaps: dict[str, TensorProto] = {}  # constants replaced after export (narrow types)
-        self.shared: dict[str, gs.Constant] = {}
-
-    def const(self, name: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(name, np.ascontiguousarray(values))
-
-    def shared_const(self, name: str, values: np.ndarray) -> gs.Constant:
-        """One constant per name for the whole graph (helpers common to several weights)."""
-        if name not in self.shared:
-            self.shared[name] = self.const(name, values)
-        return self.shared[name]
-
-    def node(self, op: str, name: str, inputs: list, outputs: list, **attrs) -> None:
-        self.graph.nodes.append(gs.Node(op, name=name, inputs=inputs, outputs=outputs, attrs=attrs))
-
-    def var(self, name: str, dtype=None) -> gs.Variable:
-        return gs.Variable(name, dtype=dtype)
-
-    def emit(self, sw: SharedWeight, out: gs.Variable, layout: str) -> int:
-        """Add nodes computing ``out`` (= sw.decode()); return the bytes of the new initializers."""
-        n = sw.params
-        shape = np.array(sw.shape, dtype=np.int64)
-        name = sw.name
-        book = sw.codebooks.reshape(-1)
-        stored = 0
-        if sw.k == 1:
-            values = book if sw.n_codebooks == 1 else book[(np.arange(sw.shape[sw.channel_axis]) // sw.group_size)]
-            if sw.n_codebooks > 1:
-                view = [1] * len(sw.shape)
-                view[sw.channel_axis] = sw.shape[sw.channel_axis]
-                values = values.reshape(view)
-            elif len(sw.shape):
-                values = values.reshape([1] * len(sw.shape))
-            const = self.const(f"{name}.codebook", values)
-            shape_c = self.const(f"{name}.shape", shape)
-            self.node("Expand", f"{name}/Expand", [const, shape_c], [out])
-            return int(values.nbytes + shape.nbytes)
-        codebook = self.const(f"{name}.codebook", book)
-        stored += book.nbytes
-        if layout.startswith("packed:"):
-            bits = int(layout.split(":")[1])
-            stream = _pack_stream(sw.indices, bits)
-            packed = self.const(f"{name}.indices", stream)
-            stored += stream.nbytes
-            lo_cols, hi_cols, divisors = _unpack_columns(bits)
-            # Width-wide helpers are shared by every tensor of that width; only n and the shape are per tensor.
-            shared_helpers = {
-                "unpack_lo": lo_cols.astype(np.int32), "unpack_hi": hi_cols.astype(np.int32), "unpack_div": divisors,
-                "unpack_256": np.array(256, np.int32), "unpack_mod": np.array(1 << bits, np.int32),
-                "unpack_flat": np.array([-1], np.int64), "unpack_start": np.array([0], np.int64),
-            }
-            c = {key: self.shared_const(f"onnxws.{key}.{bits}", value) for key, value in shared_helpers.items()}
-            c["unpack_end"] = self.const(f"{name}.unpack_end", np.array([n], np.int64))
-            c["shape"] = self.const(f"{name}.shape", shape)
-            stored += 8 + shape.nbytes
-            v = {key: self.var(f"{name}/{key}") for key in ("bytes", "lo", "hi", "hi256", "word", "shifted", "idx8", "flat", "trimmed")}
-            index = self.var(f"{name}/index", dtype=np.int32)
-            self.node("Cast", f"{name}/CastBytes", [packed], [v["bytes"]], to=TensorProto.INT32)
-            self.node("Gather", f"{name}/GatherLo", [v["bytes"], c["unpack_lo"]], [v["lo"]], axis=1)
-            self.node("Gather", f"{name}/GatherHi", [v["bytes"], c["unpack_hi"]], [v["hi"]], axis=1)
-            self.node("Mul", f"{name}/Mul256", [v["hi"], c["unpack_256"]], [v["hi256"]])
-            self.node("Add", f"{name}/Word", [v["lo"], v["hi256"]], [v["word"]])
-            self.node("Div", f"{name}/Shift", [v["word"], c["unpack_div"]], [v["shifted"]])
-            self.node("Mod", f"{name}/Mask", [v["shifted"], c["unpack_mod"]], [v["idx8"]], fmod=0)
-            self.node("Reshape", f"{name}/Flatten", [v["idx8"], c["unpack_flat"]], [v["flat"]])
-            self.node("Slice", f"{name}/Trim", [v["flat"], c["unpack_start"], c["unpack_end"]], [v["trimmed"]])
-            self.node("Reshape", f"{name}/Reshape", [v["trimmed"], c["shape"]], [index])
-        else:
-            placeholder = self.const(f"{name}.indices", sw.indices.astype(np.uint8))
-            if layout in ("UINT4", "UINT2"):
-                kind = ml_dtypes.uint4 if layout == "UINT4" else ml_dtypes.uint2
-                tensor = numpy_helper.from_array(sw.indices.astype(np.uint8).astype(kind), f"{name}.indices")
-                self.swaps[f"{name}.indices"] = tensor
-                stored += len(tensor.raw_data)
-            else:
-                stored += sw.indices.size
-            index = self.var(f"{name}/index", dtype=np.int32)
-            self.node("Cast", f"{name}/Cast", [placeholder], [index], to=TensorProto.INT32)
-        if sw.n_codebooks > 1:
-            view = [1] * len(sw.shape)
-            view[sw.channel_axis] = sw.shape[sw.channel_axis]
-            offsets = ((np.arange(sw.shape[sw.channel_axis]) // sw.group_size) * sw.k).astype(np.int32).reshape(view)
-            off = self.const(f"{name}.offsets", offsets)
-            stored += offsets.nbytes
-            shifted_index = self.var(f"{name}/index_g", dtype=np.int32)
-            self.node("Add", f"{name}/AddGroup", [index, off], [shifted_index])
-            index = shifted_index
-        self.node("Gather", f"{name}/Gather", [codebook, index], [out], axis=0)
-        return int(stored)
+def unpack_indices(planes: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """NumPy mirror of the in-graph unpacking: the first ``n`` indices (int64) of ``planes`` [bits, m]."""
+    lo, hi, shift = _unpack_columns(bits)
+    p = np.asarray(planes).astype(np.int64)
+    word = p[lo] + (256 * p[hi] if hi is not None else 0)  # [8, m]
+    return (word >> shift[:, None] & ((1 << bits) - 1)).reshape(-1)[:n]
 
 
-def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opset: int | None = None,
-                 raise_opset: bool = True, pack: bool = True) -> EncodeResult:
-    """Rewrite ``model`` (not modified) so each shared weight is rebuilt from its codebook.
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
 
-    Args:
-        model: the original model, weights loaded.
-        shared: the weights to share (names of main-graph initializers or Constant outputs).
-        opset: pin the output's default-domain opset (>= the model's).
-        raise_opset: allow raising the opset for native UINT4/UINT2 indices (verified in ORT).
-        pack: pack widths without a native type into a bit stream (else UINT8/UINT4 containers).
-
-    Raises:
-        ValueError: a weight name not found, or ``opset`` below the model's.
-    """
-    notes: list[str] = []
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    current = default_opset(work)
-    if opset is not None and opset < current:
-        raise ValueError(f"--opset {opset} is below the model's opset {current}; onnxws does not lower opsets")
-    target = opset if opset is not None else (_wanted_opset(shared, current) if raise_opset else current)
-    if target > current:
-        converted, why = _convert_opset(work, target)
-        if converted is None:
-            notes.append(f"opset {current} kept: raising it to {target} is not safe ({why}); "
-                         "widths without a native type at this opset are packed")
-            target = current
-        else:
-            notes.append(f"opset {current} raised to {target} for narrow index types (outputs verified equal in ORT)")
-            work = converted
-    graph = gs.import_onnx(work)
-    tensors = graph.tensors()
-    emitter = _Emitter(graph)
-    encoded: list[EncodedTensor] = []
-    for sw in shared:
-        if sw.name not in tensors:
-            raise ValueError(f"weight {sw.name!r} is not a tensor of the model")
-        tensor = tensors[sw.name]
-        dtype = sw.codebooks.dtype
-        if isinstance(tensor, gs.Constant):
-            out = gs.Variable(sw.name, dtype=dtype, shape=list(sw.shape))
-            for node in list(tensor.outputs):
-                for position, t in enumerate(list(node.inputs)):
-                    if t is tensor:
-                        node.inputs[position] = out
-            tensor.name = f"{sw.name}.__replaced__"
-        else:
-            producers = list(tensor.inputs)
-            if len(producers) != 1 or producers[0].op != "Constant":
-                raise ValueError(f"weight {sw.name!r} is neither an initializer nor a Constant node output")
-            producers[0].outputs.clear()
-            graph.nodes.remove(producers[0])
-            out = tensor
-            out.dtype, out.shape = dtype, list(sw.shape)
-        layout = _plan_layout(sw.bits, target, pack)
-        stored = emitter.emit(sw, out, layout)
-        encoded.append(EncodedTensor(sw.name, sw.k, sw.bits, sw.n_codebooks, layout, stored))
-    graph.toposort()
-    result = gs.export_onnx(graph, do_type_check=False)
-    _restore_model_fields(result, work, target)
-    for init in result.graph.initializer:
-        if init.name in emitter.swaps:
-            init.CopyFrom(emitter.swaps[init.name])
-    onnx.checker.check_model(result)
-    return EncodeResult(result, target, encoded, notes)
+_SUB_BYTE_BITS = {TensorProto.UINT4: 4, TensorProto.INT4: 4}
+for _name, _bits in (("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2)):
+    if hasattr(TensorProto, _name):
+        _SUB_BYTE_BITS[getattr(TensorProto, _name)] = _bits
 
 
-def _restore_model_fields(result: onnx.ModelProto, source: onnx.ModelProto, opset: int) -> None:
-    """graphsurgeon rewrites model-level fields: put the source's back."""
-    result.ir_version = max(source.ir_version, 10 if opset >= 21 else source.ir_version)
-    if opset >= 25:
-        result.ir_version = max(result.ir_version, 11)
-    result.producer_name = source.producer_name
-    result.producer_version = source.producer_version
-    result.domain = source.domain
-    result.model_version = source.model_version
-    result.doc_string = source.doc_string
-    del result.metadata_props[:]
-    result.metadata_props.extend(source.metadata_props)
-    del result.opset_import[:]
-    for op in source.opset_import:
-        entry = result.opset_import.add()
-        entry.domain, entry.version = op.domain, (opset if op.domain in ("", "ai.onnx") else op.version)
-    if not any(op.domain in ("", "ai.onnx") for op in source.opset_import):
-        entry = result.opset_import.add()
-        entry.domain, entry.version = "", opset
-    if source.functions and not result.functions:
-        result.functions.extend(source.functions)
+def _element_bits(data_type: int) -> int:
+    if data_type in _SUB_BYTE_BITS:
+        return _SUB_BYTE_BITS[data_type]
+    return 8 * np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
 
 
-def _payload_bytes(tensor: TensorProto) -> int:
+def tensor_bytes(tensor: TensorProto) -> int:
+    """Payload bytes of one tensor: raw size, sub-byte types at their packed size, external at their length."""
     if tensor.data_location == TensorProto.EXTERNAL:
         for entry in tensor.external_data:
             if entry.key == "length":
                 return int(entry.value)
     if tensor.HasField("raw_data"):
         return len(tensor.raw_data)
-    return int(numpy_helper.to_array(tensor).nbytes)
+    if tensor.data_type == TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    n = math.prod(tensor.dims)
+    return -(-n * _element_bits(tensor.data_type) // 8)
+
+
+def _attribute_bytes(attr: AttributeProto) -> int:
+    if attr.type == AttributeProto.TENSOR:
+        return tensor_bytes(attr.t)
+    if attr.type == AttributeProto.SPARSE_TENSOR:
+        return tensor_bytes(attr.sparse_tensor.values) + tensor_bytes(attr.sparse_tensor.indices)
+    if attr.type == AttributeProto.FLOAT:
+        return 4
+    if attr.type == AttributeProto.FLOATS:
+        return 4 * len(attr.floats)
+    if attr.type == AttributeProto.INT:
+        return 8
+    if attr.type == AttributeProto.INTS:
+        return 8 * len(attr.ints)
+    if attr.type == AttributeProto.STRING:
+        return len(attr.s)
+    if attr.type == AttributeProto.STRINGS:
+        return sum(len(s) for s in attr.strings)
+    return 0
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph nested in its nodes' attributes."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
 
 
 def model_weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all initializer and Constant-node tensor payloads of the main graph."""
-    total = sum(_payload_bytes(t) for t in model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    total += _payload_bytes(attr.t)
+    """Bytes of all initializer, sparse-initializer and ``Constant`` tensor payloads of the model.
+
+    Counts the main graph, nested subgraphs (If/Loop/Scan bodies) and function bodies; raw data
+    size, sub-byte types (UINT4, UINT2, ...) at their packed size, external tensors at their length.
+    """
+    total = 0
+    node_lists = [g.node for g in _graphs(model.graph)]
+    for g in _graphs(model.graph):
+        total += sum(tensor_bytes(t) for t in g.initializer)
+        total += sum(tensor_bytes(s.values) + tensor_bytes(s.indices) for s in g.sparse_initializer)
+    for function in model.functions:
+        node_lists.append(function.node)
+    for nodes in node_lists:
+        for node in nodes:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                total += sum(_attribute_bytes(a) for a in node.attribute)
     return total
 
 
-def decoded_weights(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Rebuilt weights of an encoded model, computed by ORT from its decode subgraphs."""
+# --------------------------------------------------------------------------------------------
+# Opset raising (version converter + ORT check)
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _copy_except(source, target, skip: str) -> None:
+    """Copy every set field of protobuf message ``source`` into ``target`` except field ``skip``."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        if hasattr(value, "CopyFrom"):
+            getattr(target, descriptor.name).CopyFrom(value)
+        elif hasattr(value, "extend"):  # repeated field
+            getattr(target, descriptor.name).extend(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
+def _light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, TensorProto]]:
+    """A copy whose large main-graph initializers point to placeholder external data.
+
+    The version converter and ORT then never copy (or choke on > 2 GB of) weight payloads;
+    ORT gets the real values through ``add_external_initializers``.
+
+    Returns:
+        (light model, {name: original TensorProto} of the swapped-out initializers).
+    """
+    light = onnx.ModelProto()
+    _copy_except(model, light, "graph")
+    _copy_except(model.graph, light.graph, "initializer")
+    swapped: dict[str, TensorProto] = {}
+    for original in model.graph.initializer:
+        nbytes = tensor_bytes(original)
+        if (original.data_location == TensorProto.EXTERNAL or original.data_type == TensorProto.STRING
+                or nbytes < _LIGHT_MIN_BYTES):
+            light.graph.initializer.append(original)
+            continue
+        swapped[original.name] = original
+        tensor = light.graph.initializer.add()
+        tensor.name, tensor.data_type, tensor.doc_string = original.name, original.data_type, original.doc_string
+        tensor.dims.extend(original.dims)
+        tensor.metadata_props.extend(original.metadata_props)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", _PLACEHOLDER), ("offset", "0"), ("length", str(nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    return light, swapped
+
+
+def _random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """One random batch for the graph inputs (dynamic dims -> 2); raises ValueError if not tensors."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds: dict[str, np.ndarray] = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        if not vi.type.HasField("tensor_type"):
+            raise ValueError(f"input {vi.name!r} is not a tensor")
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in tt.shape.dim]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        if dtype.kind == "f" or dtype.kind == "V":
+            feeds[vi.name] = rng.normal(size=shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[vi.name] = rng.integers(0, 2, size=shape).astype(bool)
+        elif dtype.kind in "iu":
+            feeds[vi.name] = rng.integers(0, 8, size=shape).astype(dtype)
+        else:
+            raise ValueError(f"input {vi.name!r} has type {dtype}, which onnxws cannot make random values for")
+    return feeds
+
+
+def _run_light(light: onnx.ModelProto, swapped: dict[str, TensorProto], arrays: dict[str, np.ndarray],
+               feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    if not names:
-        return {}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    inits = {init.name: init for init in model.graph.initializer}
-    needed_nodes: list[onnx.NodeProto] = []
-    needed_inits: set[str] = set()
-    seen: set[str] = set()
-    stack = list(names)
-    while stack:
-        name = stack.pop()
-        if name in seen:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    names = [n for n in swapped if n in arrays]
+    values = [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names]
+    if names:
+        options.add_external_initializers(names, values)
+    session = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _compare(before: list[np.ndarray], after: list[np.ndarray]) -> tuple[bool, str]:
+    """(same within rtol/atol, detail): detail is "" for bitwise-equal outputs, else the difference."""
+    worst = 0.0
+    for a, b in zip(before, after, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False, f"output shape/type changed ({a.dtype}{list(a.shape)} -> {b.dtype}{list(b.shape)})"
+        if a.dtype.kind not in "fc" or a.size == 0:
+            if not np.array_equal(a, b):
+                return False, "integer/boolean outputs differ"
             continue
-        seen.add(name)
-        if name in inits:
-            needed_inits.add(name)
-        elif name in producers:
-            node = producers[name]
-            if node not in needed_nodes:
-                needed_nodes.append(node)
-            stack.extend(i for i in node.input if i)
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        finite = np.isfinite(diff)
+        if not np.array_equal(np.isnan(a), np.isnan(b)) or not np.allclose(a, b, rtol=_VERIFY_RTOL, atol=_VERIFY_ATOL, equal_nan=True):
+            return False, f"outputs differ by up to {float(np.max(diff, where=finite, initial=0.0)):.3g}"
+        worst = max(worst, float(np.max(diff, where=finite, initial=0.0)))
+    return True, "" if worst == 0 else f"max |diff| {worst:.3g}"
+
+
+def _node_key(node: onnx.NodeProto) -> tuple:
+    return node.op_type, node.domain, tuple(node.output)
+
+
+def _restore_node_fields(original: onnx.GraphProto, converted: onnx.GraphProto) -> None:
+    """Put back node doc strings / metadata and subgraph fields the converter drops (matched by outputs)."""
+    by_key = {_node_key(n): n for n in original.node}
+    for node in converted.node:
+        source = by_key.get(_node_key(node))
+        if source is None:
+            continue
+        if source.doc_string and not node.doc_string:
+            node.doc_string = source.doc_string
+        if len(source.metadata_props) and not len(node.metadata_props):
+            node.metadata_props.extend(source.metadata_props)
+        source_attrs = {a.name: a for a in source.attribute}
+        for attr in node.attribute:
+            src = source_attrs.get(attr.name)
+            if src is None or src.type != attr.type:
+                continue
+            if attr.type == AttributeProto.GRAPH:
+                _restore_graph_fields(src.g, attr.g)
+            elif attr.type == AttributeProto.GRAPHS and len(src.graphs) == len(attr.graphs):
+                for s, c in zip(src.graphs, attr.graphs):
+                    _restore_graph_fields(s, c)
+
+
+def _restore_graph_fields(original: onnx.GraphProto, converted: onnx.GraphProto) -> None:
+    """Graph-level fields of a subgraph (value_info, metadata, doc) plus its nodes'."""
+    del converted.value_info[:]
+    converted.value_info.extend(original.value_info)
+    del converted.metadata_props[:]
+    converted.metadata_props.extend(original.metadata_props)
+    converted.doc_string = original.doc_string
+    if len(original.sparse_initializer) and not len(converted.sparse_initializer):
+        converted.sparse_initializer.extend(original.sparse_initializer)
+    _restore_node_fields(original, converted)
+
+
+def _merge_conversion(light: onnx.ModelProto, converted: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """``light`` with the converter's nodes and opset; everything the converter drops is kept from ``light``."""
+    merged = onnx.ModelProto()
+    merged.CopyFrom(light)
+    graph = merged.graph
+    del graph.node[:]
+    graph.node.extend(converted.graph.node)
+    _restore_node_fields(light.graph, graph)
+    # Initializers: keep the originals (doc strings, metadata, placeholders); take what the converter
+    # added or changed.
+    position = {t.name: i for i, t in enumerate(graph.initializer)}
+    for tensor in converted.graph.initializer:
+        i = position.get(tensor.name)
+        if i is None:
+            graph.initializer.append(tensor)
         else:
-            raise ValueError(f"{name!r} depends on a graph input: not a constant decode subgraph")
-    order = [node for node in model.graph.node if node in needed_nodes]
-    outputs = [onnx.helper.make_empty_tensor_value_info(name) for name in names]
-    graph = onnx.helper.make_graph(order, "decode", [], outputs, [inits[n] for n in sorted(needed_inits)])
-    sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
-    sub.ir_version = model.ir_version
+            kept = graph.initializer[i]
+            same = (kept.data_type == tensor.data_type and list(kept.dims) == list(tensor.dims)
+                    and kept.data_location == tensor.data_location
+                    and numpy_helper.to_array(kept).tobytes() == numpy_helper.to_array(tensor).tobytes()
+                    if kept.data_location != TensorProto.EXTERNAL
+                    else list(kept.external_data) == list(tensor.external_data))
+            if not same:
+                graph.initializer[i].CopyFrom(tensor)
+    for op in merged.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = target
+    merged.ir_version = max(merged.ir_version, _min_ir_version(target))
+    return merged
+
+
+def _bump_functions(model: onnx.ModelProto, target: int) -> str | None:
+    """Move model-local functions to the ``target`` ai.onnx opset (in place) when none of their ops
+    changed between their opset and ``target``; else return why they cannot follow (the converter
+    does not convert function bodies)."""
+    for function in model.functions:
+        for op in function.opset_import:
+            if op.domain not in ("", "ai.onnx") or op.version == target:
+                continue
+            changed = []
+            for node in _function_nodes(function.node):
+                if node.domain not in ("", "ai.onnx"):
+                    continue
+                try:
+                    old = onnx.defs.get_schema(node.op_type, op.version, "").since_version
+                    new = onnx.defs.get_schema(node.op_type, target, "").since_version
+                except Exception:  # noqa: BLE001 - unknown op
+                    old, new = -1, -2
+                if old != new:
+                    changed.append(node.op_type)
+            if changed:
+                return (f"function {function.domain}:{function.name} uses ops that changed between opset {op.version} "
+                        f"and {target} ({', '.join(sorted(set(changed)))}); the converter does not convert functions")
+            op.version = target
+    return None
+
+
+def _function_nodes(nodes) -> Iterator[onnx.NodeProto]:
+    for node in nodes:
+        yield node
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                yield from _function_nodes(attr.g.node)
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _function_nodes(sub.node)
+
+
+def _check_light(light: onnx.ModelProto) -> None:
+    """``onnx.checker`` (full) on a light model: its placeholders point to an empty file in a temp folder."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="onnxws-check-") as folder:
+        (Path(folder) / _PLACEHOLDER).touch()
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(light.SerializeToString())
+        onnx.checker.check_model(str(path), full_check=True)
+
+
+def _min_ir_version(opset: int) -> int:
+    try:
+        return int(helper.find_min_ir_version_for([helper.make_opsetid("", opset)], ignore_unknown=True))
+    except Exception:  # noqa: BLE001 - an opset newer than onnx's table: keep the model's IR version
+        return 0
+
+
+def _restore_payloads(light: onnx.ModelProto, swapped: dict[str, TensorProto]) -> onnx.ModelProto:
+    """Swap the real tensors back in for the placeholders (in place); returns ``light``."""
+    for tensor in light.graph.initializer:
+        original = swapped.get(tensor.name)
+        if original is not None and tensor.data_location == TensorProto.EXTERNAL and any(
+            e.key == "location" and e.value == _PLACEHOLDER for e in tensor.external_data
+        ):
+            tensor.CopyFrom(original)
+    return light
+
+
+class _OpsetRaiser:
+    """Raises a model's default-domain opset with the version converter, checked in ORT.
+
+    The original model's outputs on one random batch are computed once and reused for every
+    target tried.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.light, self.swapped = _light_copy(model)
+        self._arrays: dict[str, np.ndarray] | None = None
+        self._feeds: dict[str, np.ndarray] | None = None
+        self._reference: list[np.ndarray] | None = None
+
+    def _prepare_reference(self) -> None:
+        if self._reference is None:
+            self._feeds = _random_feeds(self.model)
+            self._arrays = {n: np.ascontiguousarray(numpy_helper.to_array(t)) for n, t in self.swapped.items()}
+            self._reference = _run_light(self.light, self.swapped, self._arrays, self._feeds)
+
+    def convert(self, target: int) -> tuple[onnx.ModelProto | None, str]:
+        """(converted model, how it was verified) or (None, why it is not safe)."""
+        from onnx import version_converter
+
+        try:
+            converted = version_converter.convert_version(self.light, target)
+        except Exception as exc:  # noqa: BLE001 - the converter raises assorted C++ errors
+            return None, f"onnx.version_converter failed: {_one_line(exc)}"
+        merged = _merge_conversion(self.light, converted, target)
+        why = _bump_functions(merged, target)
+        if why is not None:
+            return None, why
+        try:
+            _check_light(merged)
+        except Exception as exc:  # noqa: BLE001
+            return None, f"the converted model fails onnx.checker: {_one_line(exc)}"
+        try:
+            self._prepare_reference()
+        except Exception as exc:  # noqa: BLE001
+            return None, f"the original model could not be run in ORT on random inputs to verify it: {_one_line(exc)}"
+        try:
+            after = _run_light(merged, self.swapped, self._arrays or {}, self._feeds or {})
+        except Exception as exc:  # noqa: BLE001
+            return None, f"ORT could not run the converted model: {_one_line(exc)}"
+        same, detail = _compare(self._reference or [], after)
+        if not same:
+            return None, f"the converted model's {detail} on random inputs"
+        how = "outputs verified equal in ORT on random inputs"
+        if detail:
+            how += f" (within rtol {_VERIFY_RTOL:g}, atol {_VERIFY_ATOL:g}: {detail})"
+        return _restore_payloads(merged, self.swapped), how
+
+
+# --------------------------------------------------------------------------------------------
+# Graph writing
+# --------------------------------------------------------------------------------------------
+
+
+def _all_names(model: onnx.ModelProto) -> set[str]:
+    names: set[str] = set()
+    for g in _graphs(model.graph):
+        names.update(t.name for t in g.initializer)
+        names.update(s.values.name for s in g.sparse_initializer)
+        names.update(v.name for v in (*g.input, *g.output, *g.value_info))
+        for node in g.node:
+            names.update(node.output)
+            names.update(node.input)
+    names.discard("")
+    return names
+
+
+class _Writer:
+    """Collects the decode nodes and initializers of all shared weights of one model."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self.taken = taken
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._helpers: dict[tuple, str] = {}
+
+    def own(self, name: str, array: np.ndarray | TensorProto) -> tuple[str, int]:
+        """Add initializer ``name`` (must be free); returns (name, payload bytes)."""
+        if name in self.taken:
+            raise InputError(f"the model already has a tensor named {name!r}; onnxws names its encoding tensors "
+                             f"'<weight>.codebook', '<weight>.indices', ...: rename that tensor and run again")
+        tensor = array if isinstance(array, TensorProto) else numpy_helper.from_array(np.ascontiguousarray(array), name)
+        tensor.name = name
+        self.taken.add(name)
+        self.initializers.append(tensor)
+        return name, tensor_bytes(tensor)
+
+    def helper_const(self, key: str, array: np.ndarray) -> str:
+        """A small constant shared by every weight that needs the same value (a free name is picked)."""
+        array = np.ascontiguousarray(array)
+        cache_key = (key, array.dtype.str, array.shape, array.tobytes())
+        if cache_key not in self._helpers:
+            name, i = f"onnxws.{key}", 1
+            while name in self.taken:
+                name, i = f"onnxws.{key}_{i}", i + 1
+            self.taken.add(name)
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._helpers[cache_key] = name
+        return self._helpers[cache_key]
+
+    def node(self, op: str, inputs: list[str], output: str, name: str, *, fresh: bool = True, **attrs) -> str:
+        """Append a node; ``fresh`` outputs (intermediates) get a free name, else ``output`` is used as is."""
+        if fresh:
+            base, i = output, 1
+            while output in self.taken:
+                output, i = f"{base}_{i}", i + 1
+            self.taken.add(output)
+        self.nodes.append(helper.make_node(op, inputs, [output], name=name, **attrs))
+        return output
+
+    def emit(self, sw: SharedWeight, layout: str, opset: int) -> int:
+        """Nodes computing ``sw.name`` (== sw.decode()); returns the bytes of its own initializers."""
+        name, shape = sw.name, sw.shape
+        stored = 0
+        view = [1] * len(shape)
+        if sw.n_codebooks > 1:
+            axis = sw.channel_axis % len(shape)
+            view[axis] = shape[axis]
+        if layout == "none":
+            values = sw.codebooks.reshape(-1)
+            if sw.n_codebooks > 1:  # one value per channel: the value of its group
+                values = values[np.asarray(sw.group_ids()).reshape(-1)]
+            book, b = self.own(f"{name}.codebook", values.reshape(view))
+            target, s = self.own(f"{name}.shape", np.array(shape, dtype=np.int64))
+            self.node("Expand", [book, target], name, f"{name}/Expand", fresh=False)
+            return b + s
+        book, stored = self.own(f"{name}.codebook", sw.codebooks.reshape(-1))
+        tmp = f"{name}/"
+        if layout.startswith("packed:"):
+            index, b = self._packed(sw, int(layout.split(":", 1)[1]), opset)
+            stored += b
+        else:
+            values = sw.indices.astype(np.uint8)
+            if layout in _ML_DTYPES:
+                values = values.astype(_ML_DTYPES[layout])
+            indices, b = self.own(f"{name}.indices", numpy_helper.from_array(values, f"{name}.indices"))
+            stored += b
+            index = self.node("Cast", [indices], tmp + "index", f"{name}/Cast", to=TensorProto.INT32)
+        if sw.n_codebooks > 1:
+            offsets = (np.asarray(sw.group_ids()).reshape(view) * sw.k).astype(np.int32)
+            off, b = self.own(f"{name}.offsets", offsets)
+            stored += b
+            index = self.node("Add", [index, off], tmp + "index_g", f"{name}/AddGroup")
+        self.node("Gather", [book, index], name, f"{name}/Gather", fresh=False, axis=0)
+        return stored
+
+    def _packed(self, sw: SharedWeight, bits: int, opset: int) -> tuple[str, int]:
+        """Unpacking nodes of a ``packed:<bits>`` weight; returns (int32 index tensor of W's shape, own bytes).
+
+        ``<W>.indices`` is stored as UINT8 [m, bits] (``onnxws inspect`` reads the width from dims[1]);
+        its bytes are the [bits, m] planes of ``pack_indices``, so the first node reshapes it to them.
+        From opset 14 every step is uint8 (BitShift, and Add, which takes uint8 from opset 14), so
+        constant folding at session start holds ~1 byte per weight per step; below 14 the arithmetic
+        is int32 (Div/Mod): 4 bytes per weight per step.
+        """
+        name, n, tmp = sw.name, sw.params, f"{sw.name}/"
+        planes = pack_indices(sw.indices, bits)
+        stream, stored = self.own(f"{name}.indices", planes.reshape(planes.shape[1], bits))
+        planes_out = self.node("Reshape", [stream, self.helper_const(f"unpack.{bits}.planes", np.array([bits, -1], np.int64))],
+                               tmp + "planes", f"{name}/Planes")
+        lo, hi, shift = _unpack_columns(bits)
+        column = (8, 1)  # per-run constants broadcast over the m words
+        lo8 = self.node("Gather", [planes_out, self.helper_const(f"unpack.{bits}.lo", lo.astype(np.int32))],
+                        tmp + "lo8", f"{name}/GatherLo", axis=0)
+        hi8 = None if hi is None else self.node(
+            "Gather", [planes_out, self.helper_const(f"unpack.{bits}.hi", hi.astype(np.int32))], tmp + "hi8", f"{name}/GatherHi", axis=0)
+        if opset >= PACK_UINT8_OPSET:
+            if hi8 is None:  # no index straddles two bytes
+                shr = self.helper_const(f"unpack.{bits}.shr", shift.astype(np.uint8).reshape(column))
+                word = self.node("BitShift", [lo8, shr], tmp + "low", f"{name}/ShiftLo", direction="RIGHT")
+            else:
+                # (lo >> s) + (hi << (8 - s)): disjoint bits, so Add is Or (for s = 0 the shift is 7
+                # instead of 8: the stray bit lands at bit 7 >= bits and is dropped by Mod like all bits >= bits)
+                shr = self.helper_const(f"unpack.{bits}.shr", shift.astype(np.uint8).reshape(column))
+                shl = self.helper_const(f"unpack.{bits}.shl", np.minimum(8 - shift, 7).astype(np.uint8).reshape(column))
+                low = self.node("BitShift", [lo8, shr], tmp + "low", f"{name}/ShiftLo", direction="RIGHT")
+                high = self.node("BitShift", [hi8, shl], tmp + "high", f"{name}/ShiftHi", direction="LEFT")
+                word = self.node("Add", [low, high], tmp + "word", f"{name}/Join")
+            idx8 = self.node("Mod", [word, self.helper_const(f"unpack.{bits}.mod8", np.array(1 << bits, np.uint8))],
+                             tmp + "idx8", f"{name}/Mask", fmod=0)
+        else:
+            word = self.node("Cast", [lo8], tmp + "lo", f"{name}/CastLo", to=TensorProto.INT32)
+            if hi8 is not None:
+                hi32 = self.node("Cast", [hi8], tmp + "hi", f"{name}/CastHi", to=TensorProto.INT32)
+                hi256 = self.node("Mul", [hi32, self.helper_const("unpack.256", np.array(256, np.int32))],
+                                  tmp + "hi256", f"{name}/Mul256")
+                word = self.node("Add", [word, hi256], tmp + "word", f"{name}/Word")
+            if np.any(shift != 0):
+                div = self.helper_const(f"unpack.{bits}.div", (1 << shift).astype(np.int32).reshape(column))
+                word = self.node("Div", [word, div], tmp + "shifted", f"{name}/Shift")
+            idx8 = self.node("Mod", [word, self.helper_const(f"unpack.{bits}.mod", np.array(1 << bits, np.int32))],
+                             tmp + "idx8", f"{name}/Mask", fmod=0)
+        target, b = self.own(f"{name}.shape", np.array(sw.shape, dtype=np.int64))
+        stored += b
+        if n % 8:  # the runs are padded to 8m indices: drop the padding
+            flat = self.node("Reshape", [idx8, self.helper_const("unpack.flat", np.array([-1], np.int64))],
+                             tmp + "flat", f"{name}/Flatten")
+            end, b = self.own(f"{name}.count", np.array([n], np.int64))
+            stored += b
+            idx8 = self.node("Slice", [flat, self.helper_const("unpack.zero", np.array([0], np.int64)), end],
+                             tmp + "trimmed", f"{name}/Trim")
+        index = self.node("Reshape", [idx8, target], tmp + "index8", f"{name}/Reshape")
+        if opset >= PACK_UINT8_OPSET:
+            index = self.node("Cast", [index], tmp + "index", f"{name}/Cast", to=TensorProto.INT32)
+        return index, stored
+
+
+def _validate(sw: SharedWeight) -> None:
+    """Raise InputError unless ``sw`` is a well-formed shared weight."""
+    books, idx = np.asarray(sw.codebooks), np.asarray(sw.indices)
+    if books.ndim != 2 or books.shape[0] < 1 or not 1 <= books.shape[1] <= 256:
+        raise InputError(f"shared weight {sw.name!r}: codebooks must be [G, k] with 1 <= k <= 256, got shape {books.shape}")
+    if books.dtype.kind != "f" and books.dtype not in (np.dtype(ml_dtypes.bfloat16),):
+        raise InputError(f"shared weight {sw.name!r}: codebooks must be floating point, got {books.dtype}")
+    if idx.dtype.kind not in "iu":
+        raise InputError(f"shared weight {sw.name!r}: indices must be integers, got {idx.dtype}")
+    if idx.size == 0:
+        raise InputError(f"shared weight {sw.name!r} is empty")
+    if idx.min() < 0 or idx.max() >= sw.k:
+        raise InputError(f"shared weight {sw.name!r}: indices must lie in [0, {sw.k}), got [{idx.min()}, {idx.max()}]")
+    if sw.n_codebooks > 1:
+        if idx.ndim == 0:
+            raise InputError(f"shared weight {sw.name!r}: a scalar cannot have {sw.n_codebooks} codebooks")
+        groups = int(np.asarray(sw.group_ids()).max()) + 1
+        if groups != sw.n_codebooks:
+            raise InputError(f"shared weight {sw.name!r}: {sw.n_codebooks} codebooks but its channel axis "
+                             f"{sw.channel_axis} / group size {sw.group_size} give {groups} groups")
+
+
+def _locate(graph: onnx.GraphProto, sw: SharedWeight) -> tuple[str, int, TensorProto]:
+    """("initializer" | "constant", position, tensor) of the weight ``sw.name`` in the main graph."""
+    for i, tensor in enumerate(graph.initializer):
+        if tensor.name == sw.name:
+            return "initializer", i, tensor
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and list(node.output) == [sw.name]:
+            values = [a for a in node.attribute if a.name == "value"]
+            if not values:
+                raise InputError(f"Constant node producing {sw.name!r} holds "
+                                 f"{[a.name for a in node.attribute]}, not a tensor 'value'; only tensor Constants can be shared")
+            return "constant", i, values[0].t
+    raise InputError(f"weight {sw.name!r} is neither an initializer nor a Constant output of the main graph; "
+                     "pass the names that onnxws.discovery found")
+
+
+def _check_matches(sw: SharedWeight, tensor: TensorProto) -> None:
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    if tuple(tensor.dims) != sw.shape:
+        raise InputError(f"shared weight {sw.name!r} has shape {list(sw.shape)} but the model's tensor is {list(tensor.dims)}")
+    if dtype != sw.codebooks.dtype:
+        raise InputError(f"shared weight {sw.name!r}: codebook dtype {sw.codebooks.dtype} differs from the model's {dtype}; "
+                         "the codebook must be in the weight's dtype")
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opset: int | None = None,
+                 raise_opset: bool = True, pack: bool = True) -> EncodeResult:
+    """Rewrite a copy of ``model`` so each shared weight is rebuilt in-graph from its codebook.
+
+    Args:
+        model: the original model with its tensors loaded; not modified.
+        shared: weights to share, each a main-graph initializer or Constant output, one entry per name.
+        opset: pin the output's default-domain opset (>= the model's); ``None`` picks the lowest
+            opset that gives every width its best layout (when ``raise_opset``).
+        raise_opset: allow raising the opset (for UINT4/UINT2 indices, or to reach the unpacking
+            ops); the conversion is kept only if ORT gives the same outputs on random inputs.
+        pack: store widths without an exact native type as dense bit streams (else in the next
+            wider native type).
+
+    Returns:
+        EncodeResult: new model, its opset, per-tensor layout and sizes, notes on the decisions.
+
+    Raises:
+        UsageError: ``opset`` below the model's, or above what this onnx knows.
+        InputError: a name that is not a main-graph weight, a malformed SharedWeight, a name clash.
+    """
+    names = [sw.name for sw in shared]
+    dupes = [n for n, c in Counter(names).items() if c > 1]
+    if dupes:
+        raise InputError(f"weights {dupes} are listed more than once; give one SharedWeight per tensor")
+    for sw in shared:
+        _validate(sw)
+    current = default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and opset < current:
+        raise UsageError(f"opset {opset} is below the model's opset {current}; onnxws does not lower opsets: "
+                         f"pass --opset {current} or higher, or leave it out")
+    if opset is not None and opset > newest:
+        raise UsageError(f"opset {opset} is newer than this onnx ({onnx.__version__}) supports ({newest}); pass --opset <= {newest}")
+    notes: list[str] = []
+
+    # 1. Pick the opset, raising it when that is verified safe.
+    widths = sorted({sw.bits for sw in shared})
+    wants = {b: min(_needed_opset(b, pack), newest) for b in widths}
+    if opset is not None:
+        targets = [opset] if opset > current else []
+    elif raise_opset:
+        targets = sorted({w for w in wants.values() if w > current}, reverse=True)
+    else:
+        targets = []
+    work: onnx.ModelProto | None = None
+    target = current
+    if current == 0:  # no ai.onnx node yet: importing the default domain converts nothing
+        target = opset if opset is not None else max([PACK_OPSET, *wants.values()])
+        notes.append(f"the model imported no ai.onnx opset; opset {target} added for the decode nodes")
+    elif targets:
+        raiser = _OpsetRaiser(model)
+        for candidate in targets:
+            converted, how = raiser.convert(candidate)
+            if converted is not None:
+                work, target = converted, candidate
+                helped = [b for b in widths if plan_layout(b, candidate, pack) != plan_layout(b, current, pack)]
+                notes.append(f"opset {current} raised to {candidate} for {_describe(helped, candidate, pack)} ({how})")
+                break
+            notes.append(f"opset {current} not raised to {candidate}: {how}")
+            logger.warning("opset %d not raised to %d: %s", current, candidate, how)
+        else:
+            missed = [b for b in widths if wants[b] > current]
+            notes.append(f"opset {current} kept, so {_describe(missed, current, pack)}")
+    else:
+        missed = [b for b in widths if wants[b] > current]
+        if missed:
+            why = "raise_opset=False" if opset is None else "pinned"
+            notes.append(f"opset {current} kept ({why}), so {_describe(missed, current, pack)} "
+                         f"(opset {max(wants[b] for b in missed)} would allow narrower layouts)")
+    if target < MIN_OPSET:
+        raise InputError(f"the model's opset {current} is older than {MIN_OPSET} and could not be raised; "
+                         "convert it with onnx.version_converter.convert_version(model, 13) first")
+    if work is None:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+    if current == 0:
+        work.opset_import.append(helper.make_opsetid("", target))
+
+    # 2. Rewrite: drop each weight's initializer / Constant node, prepend its decode nodes.
+    graph = work.graph
+    writer = _Writer(_all_names(work))
+    encoded: list[EncodedTensor] = []
+    dropped_inputs: list[str] = []
+    for sw in shared:
+        kind, position, tensor = _locate(graph, sw)
+        _check_matches(sw, tensor)
+        if kind == "initializer":
+            del graph.initializer[position]
+            inputs = [vi.name for vi in graph.input]
+            if sw.name in inputs:  # IR < 4 style: the initializer was also a (defaulted) graph input
+                del graph.input[inputs.index(sw.name)]
+                dropped_inputs.append(sw.name)
+        else:
+            del graph.node[position]
+        layout = plan_layout(sw.bits, target, pack)
+        stored = writer.emit(sw, layout, target)
+        encoded.append(EncodedTensor(sw.name, sw.k, sw.bits, sw.n_codebooks, layout, int(stored)))
+    nodes = writer.nodes + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(writer.initializers)
+    if dropped_inputs:
+        notes.append(f"{len(dropped_inputs)} shared weight(s) were also graph inputs (IR < 4 style) and are no longer "
+                     f"overridable inputs: {', '.join(dropped_inputs[:5])}{' ...' if len(dropped_inputs) > 5 else ''}")
+    work.ir_version = max(work.ir_version, 4, _min_ir_version(target))
+    for width in sorted({t.bits for t in encoded}):
+        layouts = {t.index_dtype for t in encoded if t.bits == width}
+        for layout in layouts:
+            spent = _layout_bits(layout, width)
+            if spent > width:
+                count = sum(1 for t in encoded if t.bits == width and t.index_dtype == layout)
+                why = "pack=False" if not pack else f"no bit-stream unpacking ops at opset {target}"
+                notes.append(f"{width}-bit indices of {count} tensor(s) stored in {layout} ({why}): "
+                             f"{100 * (spent - width) / spent:.1f}% of their index bytes are padding")
+    external = any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer)
+    if not external and work.ByteSize() < _PROTOBUF_LIMIT:  # the checker resolves external files from the cwd
+        onnx.checker.check_model(work)
+    logger.info("encoded %d weights at opset %d: %s", len(encoded), target,
+                dict(Counter(t.index_dtype for t in encoded)))
+    return EncodeResult(work, target, encoded, notes)
+
+
+def _describe(widths: Sequence[int], opset: int, pack: bool) -> str:
+    """'4-bit indices as UINT4, 3-bit indices as packed:3' for the layouts of ``widths`` at ``opset``."""
+    return ", ".join(f"{b}-bit indices as {plan_layout(b, opset, pack)}" for b in widths) or "no index width"
+
+
+def decoded_weights(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The weights an encoded model rebuilds, computed by ONNX Runtime from its decode subgraphs.
+
+    Builds small models holding only the nodes and initializers the named tensors depend on (with
+    those tensors as outputs), and runs them in ORT CPU with graph optimizations off. A name that is
+    still a plain initializer is returned as stored.
+
+    Args:
+        model: an encoded model (tensors loaded).
+        names: tensor names to rebuild.
+
+    Returns:
+        {name: array} in the weight's dtype and shape.
+
+    Raises:
+        InputError: a name that is not produced by a constant subgraph of the main graph.
+    """
+    import onnxruntime as ort
+
+    graph = model.graph
+    producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    inits = {t.name: t for t in graph.initializer}
+    result: dict[str, np.ndarray] = {}
+    pending: list[tuple[str, set[int], set[str]]] = []
+    for name in dict.fromkeys(names):
+        if name in inits:
+            result[name] = numpy_helper.to_array(inits[name])
+            continue
+        nodes, needed, stack, seen = set(), set(), [name], set()
+        while stack:
+            current = stack.pop()
+            if current in seen or not current:
+                continue
+            seen.add(current)
+            if current in inits:
+                needed.add(current)
+            elif current in producers:
+                nodes.add(producers[current])
+                stack.extend(graph.node[producers[current]].input)
+            else:
+                raise InputError(f"{name!r} depends on {current!r}, which is not a constant of the main graph: "
+                                 "it is not a decoded weight")
+        pending.append((name, nodes, needed))
+    # Group the names into sub-models of bounded size (protobuf caps a model at 2 GB).
+    batches: list[list[tuple[str, set[int], set[str]]]] = []
+    size = 0
+    for item in pending:
+        item_bytes = sum(tensor_bytes(inits[n]) for n in item[2])
+        if not batches or size + item_bytes > _DECODE_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += item_bytes
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return dict(zip(names, session.run(list(names), {})))
+    options.log_severity_level = 3
+    for batch in batches:
+        node_ids = sorted(set().union(*(b[1] for b in batch)))
+        init_names = sorted(set().union(*(b[2] for b in batch)))
+        outputs = [helper.make_empty_tensor_value_info(b[0]) for b in batch]
+        sub_graph = helper.make_graph([graph.node[i] for i in node_ids], "onnxws_decode", [], outputs,
+                                      [inits[n] for n in init_names])
+        sub = helper.make_model(sub_graph, opset_imports=list(model.opset_import))
+        sub.ir_version = model.ir_version
+        sub.functions.extend(model.functions)
+        session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        wanted = [b[0] for b in batch]
+        result.update(zip(wanted, session.run(wanted, {})))
+    return {name: result[name] for name in names}
