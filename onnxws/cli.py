@@ -184,8 +184,19 @@ def _check_output(model: Path, target: Path, force: bool) -> None:
         raise InputError(f"output {target} exists; pass --force to overwrite it or -o to choose another path")
     if not target.parent.is_dir():
         raise InputError(f"output folder does not exist: {target.parent}")
-    if not os.access(target.parent, os.W_OK):
-        raise InputError(f"output folder is not writable: {target.parent}")
+    if not _writable(target.parent):
+        raise InputError(f"output folder is not writable: {target.parent}; choose another -o")
+
+
+def _writable(folder: Path) -> bool:
+    """Try to create (and remove) a file there: os.access says yes to root on read-only mounts."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".onnxws-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def _json_summary(report: dict, target: Path, folder: Path) -> dict:

@@ -1,0 +1,168 @@
+"""Bad input through the CLI: the DESIGN.md exit code, one clear stderr line, no traceback,
+the input file untouched, and no output (or temp) file left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+import onnxws
+import onnxws.loading as loading
+from conftest import LENET
+from graphs import labelled_data, lenet_like
+from onnxws.cli import app
+
+runner = CliRunner()
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_bad(folder, args, code, fragment):
+    """Run the CLI, check the failure contract, return the output."""
+    inputs = {p: sha(p) for p in folder.iterdir() if p.is_file()}
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    if code != 2:  # typer formats usage errors in a box; ours are one "error:" line
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, result.output
+    assert fragment.lower() in " ".join(result.output.split()).lower(), result.output
+    for path, digest in inputs.items():
+        assert sha(path) == digest, f"{path} was modified"
+    leftovers = [p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".ws.onnx")) or p.name.endswith(".report")]
+    assert not leftovers, leftovers
+    return result.output
+
+
+@pytest.fixture
+def lenet(tmp_path):
+    for name in ("model.onnx", "eval.npz"):
+        shutil.copy(LENET / name, tmp_path / name)
+    return tmp_path
+
+
+def test_missing_file(tmp_path):
+    run_bad(tmp_path, ["compress", str(tmp_path / "none.onnx")], 2, "does not exist")
+
+
+def test_not_an_onnx_file(lenet):
+    text = lenet / "notes.onnx"
+    text.write_text("just some text, not a model\n" * 10)
+    run_bad(lenet, ["compress", str(text), "--data", str(lenet / "eval.npz"), "--no-cache"], 1, "onnx")
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_truncated_protobuf(lenet, cut):
+    data = (lenet / "model.onnx").read_bytes()
+    bad = lenet / "trunc.onnx"
+    bad.write_bytes(data[: int(len(data) * cut)])
+    run_bad(lenet, ["compress", str(bad), "--data", str(lenet / "eval.npz"), "--no-cache"], 1, "error")
+
+
+def test_corrupt_protobuf(lenet):
+    data = bytearray((lenet / "model.onnx").read_bytes())
+    rng = np.random.default_rng(0)
+    for i in rng.integers(100, 2000, size=40):
+        data[i] ^= 0xFF
+    bad = lenet / "corrupt.onnx"
+    bad.write_bytes(bytes(data))
+    run_bad(lenet, ["compress", str(bad), "--data", str(lenet / "eval.npz"), "--no-cache"], 1, "error")
+
+
+def test_model_failing_the_checker(lenet):
+    model = onnx.load(str(lenet / "model.onnx"))
+    model.graph.node[3].input[1] = "nowhere"
+    bad = lenet / "broken.onnx"
+    bad.write_bytes(model.SerializeToString())
+    run_bad(lenet, ["compress", str(bad), "--data", str(lenet / "eval.npz"), "--no-cache"], 1, "checker")
+
+
+def _save_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_data_dims_dtype_names_labels(lenet):
+    arrays = dict(np.load(lenet / "eval.npz"))
+    model = str(lenet / "model.onnx")
+    cases = [
+        ({"input": arrays["input"][:, :, :20, :], "y": arrays["y"]}, "28"),          # fixed dims
+        ({"input": arrays["input"].astype(np.float32), "y": arrays["y"]}, "uint8"),  # dtype
+        ({"image": arrays["input"], "y": arrays["y"]}, "input"),                     # missing array
+        ({"input": arrays["input"], "y": np.full_like(arrays["y"], 10)}, "label"),   # out of range
+        ({"input": arrays["input"], "y": arrays["y"][:-5]}, "length"),              # wrong length
+        ({"input": arrays["input"][:0], "y": arrays["y"][:0]}, "no samples"),       # empty data
+    ]
+    for i, (data, fragment) in enumerate(cases):
+        path = _save_npz(lenet / f"bad{i}.npz", **data)
+        run_bad(lenet, ["compress", model, "--data", str(path), "--no-cache"], 1, fragment)
+        path.unlink()
+
+
+def test_no_shareable_weights(tmp_path):
+    model = lenet_like()  # with min_params above every tensor's size, nothing is shareable
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    np.savez(tmp_path / "m.npz", **labelled_data(model))
+    config = tmp_path / "c.toml"
+    config.write_text("[global]\nmin_params = 100000\n")
+    run_bad(tmp_path, ["compress", str(path), "--config", str(config), "--no-cache"], 1, "no shareable weight")
+
+
+def test_nan_weights_are_skipped_with_a_reason(tmp_path):
+    model = lenet_like()
+    for init in model.graph.initializer:
+        if init.name == "conv.W":
+            w = numpy_helper.to_array(init).copy()
+            w[0, 0, 0, 0] = np.nan
+            init.CopyFrom(numpy_helper.from_array(w, "conv.W"))
+    data = {"x": np.random.default_rng(0).normal(size=(100, 1, 8, 8)).astype(np.float32)}
+    result = onnxws.compress(model, data, loss=5.0, cache=False,
+                             config=onnxws.CompressConfig.from_dict({"global": {"min_params": 16}}))
+    skipped = {s["name"]: s["reason"] for s in result.report["skipped"]}
+    assert "NaN/Inf" in skipped["conv.W"]
+    assert [l["name"] for l in result.report["layers"]] == ["fc.W"]
+
+
+@pytest.mark.parametrize("loss", ["-1", "1000", "nan"])
+def test_absurd_loss(lenet, loss):
+    run_bad(lenet, ["compress", str(lenet / "model.onnx"), "--loss", loss, "--no-cache"], 2, "loss")
+
+
+def test_unwritable_output_folder(lenet):
+    target = "/sys/m.onnx" if os.geteuid() == 0 else "/proc/m.onnx"
+    run_bad(lenet, ["compress", str(lenet / "model.onnx"), "-o", target, "--no-cache"], 1, "not writable")
+
+
+def test_output_equal_to_input(lenet):
+    model = str(lenet / "model.onnx")
+    run_bad(lenet, ["compress", model, "-o", model, "--no-cache"], 2, "input")
+
+
+def test_existing_output_needs_force(lenet):
+    out = lenet / "taken.onnx"
+    out.write_bytes(b"mine")
+    result = runner.invoke(app, ["compress", str(lenet / "model.onnx"), "-o", str(out), "--no-cache"])
+    assert result.exit_code == 1 and "--force" in result.output and out.read_bytes() == b"mine"
+
+
+def test_disk_full_while_writing(lenet, monkeypatch):
+    """ENOSPC in the middle of the write: one clear error, no partial model, input untouched."""
+    result = onnxws.compress(lenet / "model.onnx", loss=1.0, cache=False, search_samples=500, max_scorings=30)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loading.os, "fsync", full)
+    with pytest.raises(onnxws.InputError, match="No space left"):
+        result.save(lenet / "out.onnx")
+    assert sorted(p.name for p in lenet.iterdir()) == ["eval.npz", "model.onnx"]
