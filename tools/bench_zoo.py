@@ -1,79 +1,197 @@
 """Run `onnxws batch` over the zoo built by tools/zoo/build.py and write a results table.
 
     python tools/bench_zoo.py --zoo ~/.cache/onnxws-zoo --out /tmp/zoo-results [--loss 1] [--search-samples 250]
+    python tools/bench_zoo.py --out /tmp/zoo-results --table-only      # re-read the reports only
 
-Writes a TOML manifest (per-model options, e.g. a custom metric), runs the batch (resumable:
-finished models are not redone), then reads each report and writes OUT/zoo_results.md with the
-model, parameters, baseline, final, loss, per-layer CR, best uniform-k CR at the same budget,
-file ratio, real scorings and wall time per stage, with the date and machine.
+Writes ``OUT/zoo.toml`` (a batch manifest: ``[defaults]`` with the compress options, then one
+``[[model]]`` per ``ZOO/<name>.json`` with ``path``, ``data`` and, where the zoo says so, a
+custom ``metric`` such as ``tools.zoo.ocr_metric:exact_match``), runs ``onnxws batch`` on it
+from the repository root with the root on ``PYTHONPATH`` (so the zoo's metric modules import;
+resumable: finished models are not redone), then reads each ``OUT/<name>.report/report.json``
+and writes ``OUT/zoo_results.md`` (also printed): model, parameters, metric, baseline, final,
+loss, per-layer CR, best uniform-k CR, their ratio, file ratio, real scorings and seconds per
+stage, headed by the date, machine and onnxws command.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import os
 import platform
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def write_manifest(zoo: Path, out: Path, loss: float, search_samples: int) -> Path:
-    lines = [f"[defaults]\nloss = {loss}\nsearch_samples = {search_samples}\n"]
+
+def toml_value(value: object) -> str:
+    """A TOML scalar for a str, bool, int or float."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def parse_scalar(text: str) -> object:
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays a string."""
+    if text in ("true", "false"):
+        return text == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def zoo_models(zoo: Path, only: list[str] | None) -> list[tuple[str, dict]]:
+    """(name, metadata) of every ``ZOO/<name>.json`` that has its .onnx beside it, in name order."""
+    found = []
     for meta_path in sorted(zoo.glob("*.json")):
-        meta = json.loads(meta_path.read_text())
         name = meta_path.stem
-        lines.append(f'[[model]]\npath = "{(zoo / (name + ".onnx")).resolve()}"\ndata = "{(zoo / (name + ".npz")).resolve()}"\n')
+        if only and name not in only:
+            continue
+        if not (zoo / f"{name}.onnx").exists():
+            continue
+        found.append((name, json.loads(meta_path.read_text())))
+    if not found:
+        raise SystemExit(f"no models in {zoo} (expected <name>.onnx + <name>.json from tools/zoo/build.py"
+                         f"{'; filter ' + ','.join(only) if only else ''})")
+    return found
+
+
+def write_manifest(zoo: Path, out: Path, models: list[tuple[str, dict]], defaults: dict[str, object]) -> Path:
+    """Write ``OUT/zoo.toml``; absolute paths, so the manifest works from anywhere."""
+    lines = ["# written by tools/bench_zoo.py", "[defaults]"]
+    lines += [f"{key} = {toml_value(value)}" for key, value in defaults.items() if value is not None]
+    for name, meta in models:
+        lines += ["", "[[model]]", f"path = {toml_value((zoo / (name + '.onnx')).resolve())}"]
+        if (zoo / f"{name}.npz").exists():
+            lines.append(f"data = {toml_value((zoo / (name + '.npz')).resolve())}")
         if meta.get("metric_spec"):
-            lines.append(f'metric = "{meta["metric_spec"]}"\n')
+            lines.append(f"metric = {toml_value(meta['metric_spec'])}")
     manifest = out / "zoo.toml"
-    manifest.write_text("\n".join(lines))
+    manifest.write_text("\n".join(lines) + "\n")
     return manifest
 
 
-def table(zoo: Path, out: Path) -> str:
-    rows = ["| model | params | baseline | final | loss (pp) | CR per-layer | CR best uniform k | per-layer / uniform | "
-            "file ratio | real scorings | seconds (cluster / layer / network / verify / total) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for meta_path in sorted(zoo.glob("*.json")):
-        name = meta_path.stem
-        meta = json.loads(meta_path.read_text())
+def onnxws_command(explicit: str | None) -> list[str]:
+    """The onnxws CLI to run: ``--onnxws``, else the repository's .venv, else this Python's module."""
+    if explicit:
+        return shlex.split(explicit)
+    venv = ROOT / ".venv" / "bin" / "onnxws"
+    if venv.exists():
+        return [str(venv)]
+    found = shutil.which("onnxws")
+    return [found] if found else [sys.executable, "-m", "onnxws.cli"]
+
+
+def _pct(value: float | None) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "-"
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if isinstance(value, (int, float)) and value else "-"
+
+
+def failures(out: Path) -> dict[str, str]:
+    """model -> error text of the failed rows of ``OUT/summary.csv`` (empty when there is none)."""
+    path = out / "summary.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as fh:
+        return {row["model"]: row.get("error", "") for row in csv.DictReader(fh) if row.get("status") == "failed"}
+
+
+def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dict[str, object]) -> str:
+    """The Markdown results table for ``models`` from their reports under ``out``."""
+    head = ("| model | params | metric | baseline | final | loss | CR per-layer | CR best uniform k | per-layer / uniform "
+            "| file ratio | scorings run / cached | seconds per stage |")
+    rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    errors = failures(out)
+    for name, meta in models:
         report_path = out / f"{name}.report" / "report.json"
+        params = f"{meta.get('params', 0):,}"
         if not report_path.exists():
-            rows.append(f"| {name} | {meta.get('params', '')} | failed or not run | | | | | | | | |")
+            why = errors.get(name, "not run (no report)").replace("|", "/").replace("\n", " ")
+            rows.append(f"| {name} | {params} | | failed: {why[:160]} | | | | | | | | |")
             continue
         r = json.loads(report_path.read_text())
-        c, e, u = r["compression"], r["exploration"], r.get("uniform_baseline") or {}
-        s = e["seconds"]
-        uni = u.get("ratio_theoretical")
-        gain = f"{c['ratio_theoretical'] / uni:.2f}" if uni else "-"
-        rows.append(
-            f"| {name} | {meta.get('params', 0):,} | {100 * r['baseline']['value']:.2f}% | {100 * r['final']['value']:.2f}% | "
-            f"{r['final']['loss']:.2f} | {c['ratio_theoretical']:.2f}x | {f'{uni:.2f}x' if uni else 'none'} | "
-            f"{gain} | {c['ratio_file']:.2f}x | {e['scorings_run']} | "
-            f"{s.get('cluster', 0):.0f} / {s.get('layer', 0):.0f} / {s.get('network', 0):.0f} / {s.get('verify', 0):.0f} / {s.get('total', 0):.0f} |")
-    when = dt.datetime.now().strftime("%Y-%m-%d")
-    head = (f"Measured {when} on {platform.machine()}, {os.cpu_count()} CPU cores, CPU execution provider "
-            f"(onnxws batch, --loss 1 pp; metric: top-1 agreement with the fp32 model where the data has no labels).")
-    return head + "\n\n" + "\n".join(rows) + "\n"
+        comp, expl, final = r.get("compression", {}), r.get("exploration", {}), r.get("final", {})
+        uniform = (r.get("uniform_baseline") or {}).get("ratio_theoretical")
+        per_layer = comp.get("ratio_theoretical")
+        gain = f"{per_layer / uniform:.2f}" if per_layer and uniform else "-"
+        tried_uniform = bool((expl.get("scorings_by_stage") or {}).get("uniform"))
+        uniform_text = _ratio(uniform) if uniform else "none within budget" if tried_uniform else "not reached"
+        metric = r.get("metric")
+        metric = metric.get("name") if isinstance(metric, dict) else metric
+        unit = final.get("loss_unit", "pp")
+        loss = f"{final['loss']:.2f} {unit}" if isinstance(final.get("loss"), (int, float)) else "-"
+        seconds = expl.get("seconds", {})
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in seconds.items() if k != "total")
+        stages = f"{stages}; **total {seconds.get('total', 0):.1f}**" if seconds else "-"
+        if expl.get("stopped_by") not in (None, "converged"):
+            stages += f" (stopped by {expl['stopped_by']})"
+        rows.append(f"| {name} | {params} | {metric or '-'} | {_pct(r.get('baseline', {}).get('value'))} | "
+                    f"{_pct(final.get('value'))} | {loss} | {_ratio(per_layer)} | {uniform_text} | {gain} | "
+                    f"{_ratio(comp.get('ratio_file'))} | {expl.get('scorings_run', '-')} / {expl.get('scorings_cached', '-')} | "
+                    f"{stages} |")
+    when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    machine = (f"{platform.node() or 'unknown host'}: {platform.platform()}, {platform.processor() or platform.machine()}, "
+               f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}), "
+               f"Python {platform.python_version()}")
+    options = ", ".join(f"{k} = {v}" for k, v in defaults.items() if v is not None)
+    return (f"# onnxws on the model zoo\n\nMeasured {when} on {machine}.\n\nCommand: `{command}` "
+            f"(manifest [defaults]: {options})\n\n"
+            "CR = compression ratio of the shared weight tensors (theoretical: indices + codebooks vs fp32); "
+            "file ratio = .onnx bytes before / after; scorings cached = answered by the score cache of an earlier run. Loss in percentage points (pp) of the metric; "
+            "top1_agreement = top-1 agreement with the uncompressed model (data without labels).\n\n"
+            + "\n".join(rows) + "\n")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", type=Path, default=Path.home() / ".cache" / "onnxws-zoo")
     parser.add_argument("--out", type=Path, default=Path("/tmp/zoo-results"))
-    parser.add_argument("--loss", type=float, default=1.0)
+    parser.add_argument("--models", default="", help="comma-separated subset of the zoo (default: all)")
+    parser.add_argument("--loss", type=float, default=1.0, help="accuracy-loss budget (pp) for every model")
     parser.add_argument("--search-samples", type=int, default=250)
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds per model (onnxws --time-budget)")
+    parser.add_argument("--max-scorings", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other compress option for [defaults], e.g. --set granularity=channel (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, help="models compressed in parallel")
+    parser.add_argument("--onnxws", default=None, help="onnxws command (default: the repository's .venv/bin/onnxws)")
+    parser.add_argument("--force", action="store_true", help="redo models that are already done")
+    parser.add_argument("--table-only", action="store_true", help="do not run onnxws; rebuild the table from OUT")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    manifest = write_manifest(args.zoo, args.out, args.loss, args.search_samples)
-    cmd = [sys.executable, "-m", "onnxws.cli", "batch", str(manifest), "-o", str(args.out),
-           "--cache", str(args.out / "cache")]
-    code = subprocess.call(cmd)
-    text = table(args.zoo, args.out)
-    (args.out / "zoo_results.md").write_text(text)
+    zoo, out = args.zoo.expanduser().resolve(), args.out.expanduser().resolve()
+    models = zoo_models(zoo, [m.strip() for m in args.models.split(",") if m.strip()] or None)
+    out.mkdir(parents=True, exist_ok=True)
+    defaults = {"loss": args.loss, "search_samples": args.search_samples, "time_budget": args.time_budget,
+                "max_scorings": args.max_scorings}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--set {item!r}: expected KEY=VALUE, e.g. granularity=channel")
+        defaults[key.strip()] = parse_scalar(value.strip())
+    manifest = write_manifest(zoo, out, models, defaults)
+    cmd = [*onnxws_command(args.onnxws), "batch", str(manifest), "-o", str(out), "--cache", str(out / "cache"),
+           "--jobs", str(args.jobs), *(["--force"] if args.force else [])]
+    code = 0
+    if not args.table_only:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        print("running:", shlex.join(cmd), flush=True)
+        code = subprocess.call(cmd, cwd=ROOT, env=env)
+    text = table(out, models, shlex.join(cmd), defaults)
+    (out / "zoo_results.md").write_text(text)
     print(text)
     return code
 
