@@ -46,6 +46,12 @@ class Strategy(str, Enum):
     greedy = "greedy"
 
 
+class Predictor(str, Enum):
+    auto = "auto"
+    divergence = "divergence"
+    additive = "additive"
+
+
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", exists=True, dir_okay=False, readable=True)]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Evaluation data (.npz): one array per model input (or x), optional labels y. Default: <model stem>.npz or eval.npz beside the model.", exists=True, dir_okay=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
@@ -120,6 +126,7 @@ def compress(
     metric: Annotated[Optional[str], typer.Option(help="Custom metric package.module:function(outputs, data) -> float, higher is better.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="Model output the metric reads (default: the first).")] = None,
     strategy: Annotated[Optional[Strategy], typer.Option(help="Network search: predictor (paper + refinement), exhaustive, greedy. [default: predictor]")] = None,
+    predictor: Annotated[Optional[Predictor], typer.Option(help="Loss model of the predictor strategy: divergence (a fitted function of the summed output divergences), additive (the paper's weighted sum of losses alone), auto (the one that predicts the scored tuples better). [default: auto]")] = None,
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", min=0.001, help="Stop exploring after this many seconds; the best verified tuple is kept.")] = None,
     max_scorings: Annotated[Optional[int], typer.Option("--max-scorings", min=1, help="Stop exploring after this many scorings (cache hits included).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (predictor sampling). [default: 0]")] = None,
@@ -147,8 +154,8 @@ def compress(
         overrides = {
             "loss": loss, "loss_mode": loss_mode.value if loss_mode else None, "device": device.value if device else None,
             "search_samples": search_samples, "batch_size": batch_size, "metric": metric, "output": output,
-            "strategy": strategy.value if strategy else None, "time_budget": time_budget, "max_scorings": max_scorings,
-            "seed": seed, "opset": opset,
+            "strategy": strategy.value if strategy else None, "predictor": predictor.value if predictor else None,
+            "time_budget": time_budget, "max_scorings": max_scorings, "seed": seed, "opset": opset,
         }
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if config is not None:
@@ -272,6 +279,7 @@ def batch(
     device: Annotated[Optional[Device], typer.Option()] = None,
     search_samples: Annotated[Optional[int], typer.Option("--search-samples", min=1)] = None,
     strategy: Annotated[Optional[Strategy], typer.Option()] = None,
+    predictor: Annotated[Optional[Predictor], typer.Option()] = None,
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", min=0.001)] = None,
     max_scorings: Annotated[Optional[int], typer.Option("--max-scorings", min=1)] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
@@ -293,8 +301,8 @@ def batch(
 
         options = {"loss": loss, "loss_mode": loss_mode.value if loss_mode else None,
                    "device": device.value if device else None, "search_samples": search_samples,
-                   "strategy": strategy.value if strategy else None, "time_budget": time_budget,
-                   "max_scorings": max_scorings, "seed": seed}
+                   "strategy": strategy.value if strategy else None, "predictor": predictor.value if predictor else None,
+                   "time_budget": time_budget, "max_scorings": max_scorings, "seed": seed}
         options = {k: v for k, v in options.items() if v is not None}
         cache: Any = False if no_cache else (str(cache_dir / "scores.sqlite") if cache_dir else None)
         if cache_dir is not None and not no_cache:

@@ -21,7 +21,7 @@ keeps LeNet-5's first conv (6x1x5x5 = 150 weights) in and leaves 10-element bias
     loss = 1.0
     min_params = 64
     bits = [0, 1, 2, 3, 4, 5, 6, 7, 8]   # allowed index widths; width b uses k = min(2**b, k_max)
-    granularity = "tensor"               # tensor | channel | group:N
+    granularity = "tensor"               # tensor | channel | group:N | auto
     [op_type.Gemm]
     bits = [1, 2, 3, 4]
     [tensor."fc1.*"]
@@ -56,10 +56,11 @@ logger = logging.getLogger(__name__)
 LOSS_MODES = ("absolute", "relative")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("predictor", "exhaustive", "greedy")
+PREDICTORS = ("auto", "divergence", "additive")
 TABLES = ("global", "op_type", "tensor")
 #: Run options, in the order ``to_toml`` writes them (the field names of CompressConfig).
 RUN_KEYS = ("loss", "loss_mode", "device", "search_samples", "batch_size", "metric", "output", "strategy",
-            "time_budget", "max_scorings", "seed", "opset")
+            "predictor", "time_budget", "max_scorings", "seed", "opset")
 #: Keys of a tensor-settings table ([global], [op_type.X], [tensor."glob"]), in write order.
 TENSOR_KEYS = ("skip", "min_params", "bits", "k_max", "granularity")
 _MAX_BITS = 8
@@ -97,6 +98,7 @@ _RUN_CONSTRAINTS: dict[str, _Check] = {
     "metric": (_is_str, _is_metric, "\"package.module:function\""),
     "output": (_is_str, lambda v: bool(v), "a non-empty model output name"),
     "strategy": (_is_str, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+    "predictor": (_is_str, lambda v: v in PREDICTORS, f"one of {', '.join(PREDICTORS)}"),
     "time_budget": (_is_real, lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0 (or omit it)"),
     "max_scorings": (_is_int, lambda v: v >= 1, "an integer >= 1 (or omit it)"),
     "seed": (_is_int, lambda v: 0 <= v <= _MAX_SEED, "an integer in 0..2**63-1"),
@@ -112,7 +114,7 @@ _TENSOR_CONSTRAINTS: dict[str, _Check] = {
              lambda v: len(v) > 0 and all(0 <= b <= _MAX_BITS for b in v),
              f"a non-empty list of integers in 0..{_MAX_BITS}, e.g. [2, 4, 8]"),
     "k_max": (_is_int, lambda v: 1 <= v <= _MAX_K, f"an integer in 1..{_MAX_K}"),
-    "granularity": (lambda v: isinstance(v, (str, Granularity)), lambda v: True, "tensor, channel or group:N (N >= 1)"),
+    "granularity": (lambda v: isinstance(v, (str, Granularity)), lambda v: True, "tensor, channel, group:N (N >= 1) or auto"),
 }
 
 
@@ -167,8 +169,8 @@ def _check_tensor_table(table: Any, where: str) -> dict[str, Any]:
             try:  # a Granularity object goes through parse() too, so a malformed one is caught here
                 value = Granularity.parse(str(value))
             except ValueError:
-                raise UsageError(f"{where}.granularity = {value!r}: expected tensor, channel or group:N "
-                                 "(N >= 1 output channels per codebook)") from None
+                raise UsageError(f"{where}.granularity = {value!r}: expected tensor, channel, group:N "
+                                 "(N >= 1 output channels per codebook) or auto (measured per tensor)") from None
         out[key] = value
     return out
 
@@ -235,6 +237,7 @@ class CompressConfig:
     metric: str | None = None          # "package.module:function"
     output: str | None = None          # model output the metric reads
     strategy: str = "predictor"
+    predictor: str = "auto"            # loss model of the predictor strategy (network_search)
     time_budget: float | None = None   # seconds
     max_scorings: int | None = None
     seed: int = 0

@@ -67,6 +67,7 @@ class Layer:
     full_bits: int  # size unshared, bits (params * 32, or 16 for fp16)
     options: list[Option]
     loss_alone: dict[int, float] = field(default_factory=dict)  # k -> measured loss of this layer alone
+    divergence_alone: dict[int, float] = field(default_factory=dict)  # k -> output divergence, this layer alone
     loss_source: dict[int, str] = field(default_factory=dict)  # k -> "measured" | "proxy"
     candidates: list[int] = field(default_factory=list)  # Pareto-efficient k kept for the network stage
 
@@ -87,6 +88,7 @@ class Explored:
     subset: str
     stage: str
     loss_predicted: float | None = None
+    divergence: float | None = None
 
 
 class BudgetExhausted(Exception):
@@ -99,7 +101,9 @@ class SearchContext:
     Args:
         layers: the search space, in graph order.
         evaluate: ``(tuples, subset) -> metric values`` (higher is better), one per tuple;
-            layers absent from a tuple keep their original weights.
+            layers absent from a tuple keep their original weights. An evaluator may return
+            ``(value, output divergence)`` pairs instead (``metrics.output_divergence``):
+            the stages then use the divergence as their smooth measure of damage.
         baseline: metric of the unshared model per subset, ``{"search": .., "full": ..}``.
         budget: allowed loss in the unit of ``loss_mode``.
         loss_mode: ``absolute`` (pp) or ``relative`` (percent of baseline).
@@ -142,6 +146,7 @@ class SearchContext:
         self.explored: list[Explored] = []
         self.stopped_by = "converged"
         self._memo: dict[tuple[str, tuple[tuple[str, int], ...]], float] = {}
+        self._divergence: dict[tuple[str, tuple[tuple[str, int], ...]], float] = {}
         self.total_full_bits = sum(layer.full_bits for layer in self.layers)
 
     # -- sizes -------------------------------------------------------------------------
@@ -188,6 +193,16 @@ class SearchContext:
         """Loss already measured for this tuple in this run, or None."""
         return self._memo.get((subset, self.key(tup)))
 
+    def divergence(self, tup: Mapping[str, int], subset: str = "search") -> float | None:
+        """Output divergence measured for this tuple in this run, or None (not scored, or the
+        evaluator gives none)."""
+        return self._divergence.get((subset, self.key(tup)))
+
+    @property
+    def has_divergence(self) -> bool:
+        """Whether the evaluator reports output divergences (every scoring so far had one)."""
+        return bool(self._divergence) and len(self._divergence) == len(self._memo)
+
     def losses(
         self,
         tuples: Sequence[Mapping[str, int]],
@@ -210,13 +225,30 @@ class SearchContext:
             if not force:
                 self.check_budget(len(unique))
             values = self._evaluate(list(unique.values()), subset)
-            self.scorings += len(unique)
-            self.scorings_by_stage[stage] = self.scorings_by_stage.get(stage, 0) + len(unique)
             predicted_by_key = {}
             if predicted is not None:
                 predicted_by_key = {self.key(t): p for t, p in zip(tuples, predicted)}
             for (key, tup), value in zip(unique.items(), values):
-                loss = loss_between(self.baseline[subset], value, self.loss_mode)
-                self._memo[(subset, key)] = loss
-                self.explored.append(Explored(tup, self.ratio(tup), loss, subset, stage, predicted_by_key.get(key)))
+                self.record(tup, value, subset, stage, predicted_by_key.get(key))
         return [self._memo[(subset, self.key(t))] for t in tuples]
+
+    def count(self, stage: str, n: int = 1) -> None:
+        """Count ``n`` scorings a stage did outside the search space's tuples."""
+        self.scorings += n
+        self.scorings_by_stage[stage] = self.scorings_by_stage.get(stage, 0) + n
+
+    def record(self, tup: Mapping[str, int], value: float | tuple[float, float], subset: str = "search",
+               stage: str = "network", predicted: float | None = None) -> float:
+        """Count one scoring done for ``tup`` (by ``losses`` or by a stage that called the
+        scorer itself) and remember its loss; ``value`` is a metric value or (value, divergence)."""
+        key = self.key(tup)
+        self.count(stage)
+        divergence = None
+        if isinstance(value, tuple):
+            value, divergence = value
+            self._divergence[(subset, key)] = float(divergence)
+        loss = loss_between(self.baseline[subset], value, self.loss_mode)
+        self._memo[(subset, key)] = loss
+        self.explored.append(Explored(dict(tup), self.ratio(tup), loss, subset, stage, predicted,
+                                      None if divergence is None else float(divergence)))
+        return loss

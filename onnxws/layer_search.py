@@ -12,11 +12,12 @@ rounds, one tuple each, so a round is one batch for the scorer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from onnxws.exploration import BudgetExhausted, Layer, SearchContext
+from onnxws.exploration import BudgetExhausted, Layer, Option, SearchContext
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,96 @@ class _Walk:
         return self.up
 
 
+def _probe_option(options: list[Option], probe_bits: int) -> Option:
+    """The option scored first: the width closest to ``probe_bits`` (the narrower on a tie)."""
+    return min(options, key=lambda o: abs(o.bits - probe_bits) + 0.01 * o.bits)
+
+
+def choose_granularities(
+    ctx: SearchContext,
+    variants: Mapping[str, Mapping[str, list[Option]]],
+    score: Callable[[list[tuple[str, str, int]]], list],
+    settings: LayerSearchSettings = LayerSearchSettings(),
+) -> dict[str, str]:
+    """Per layer with several codebook granularities (``{name: {"tensor": options, "channel": options}}``),
+    score each alone at the probe width and keep the better one; sets ``layer.options``.
+
+    The other granularities are probed at the width whose stored size is closest to the
+    per-tensor probe's, and win when their damage (output divergence, else loss) is below what
+    the per-tensor codebook is estimated to do at that size (its probe scaled by the
+    clustering error of the widest per-tensor option that is not larger): per-channel scales
+    (batch norm folded into convolutions) make one codebook per tensor waste its values on
+    the wide channels, but a channel codebook also costs ``32 k`` bits per channel.
+    ``score([(name, granularity, k), ...])`` returns a metric value or (value, divergence)
+    per request; the kept probe is recorded as the layer stage's first scoring of that layer.
+
+    Returns:
+        ``{name: granularity}`` for the layers that had a choice (all "tensor" if a budget
+        stops the probe).
+    """
+    requests = []
+    for layer in ctx.layers:
+        if len(variants.get(layer.name, {})) < 2:
+            continue
+        probe = _probe_option(variants[layer.name]["tensor"], settings.probe_bits)
+        requests.append((layer.name, "tensor", probe))
+        for g, opts in variants[layer.name].items():  # the other granularities near the same size
+            smaller = [o for o in opts if o.size_bits < layer.full_bits]
+            if g != "tensor" and smaller:
+                requests.append((layer.name, g, min(smaller, key=lambda o: (abs(o.size_bits - probe.size_bits), o.k))))
+    if not requests:
+        return {}
+    try:
+        ctx.check_budget(len(requests))
+    except BudgetExhausted:
+        return {name: "tensor" for name, _, _ in requests}
+    ctx.progress("layer", 0, len(requests), "granularity probes")
+    results = score([(name, g, opt.k) for name, g, opt in requests])
+    measured: dict[str, dict[str, tuple[Option, object]]] = {}
+    for (name, g, opt), value in zip(requests, results):
+        measured.setdefault(name, {})[g] = (opt, value)
+    chosen = {}
+    for name, by_g in measured.items():
+        layer = ctx.by_name[name]
+        if len(by_g) < 2:  # no other granularity smaller than the unshared tensor
+            chosen[name] = "tensor"
+            opt, value = by_g["tensor"]
+            ctx.record({name: opt.k}, value, "search", "layer")
+            continue
+        g = _better_granularity(layer, variants[name], by_g, ctx)
+        chosen[name] = g
+        layer.options = list(variants[name][g])
+        opt, value = by_g[g]
+        ctx.record({name: opt.k}, value, "search", "layer")
+        ctx.count("layer", len(by_g) - 1)
+    return chosen
+
+
+def _damage(value: object, ctx: SearchContext) -> float:
+    if isinstance(value, tuple):
+        return float(value[1])
+    return max(ctx.baseline["search"] - float(value), 0.0)
+
+
+def _better_granularity(layer: Layer, variants: Mapping[str, list[Option]],
+                        measured: Mapping[str, tuple[Option, object]], ctx: SearchContext) -> str:
+    t_opt, t_value = measured["tensor"]
+    t_damage = _damage(t_value, ctx)
+    best, best_ratio = "tensor", 1.0  # another granularity must do strictly less damage
+    for g, (opt, value) in measured.items():
+        if g == "tensor":
+            continue
+        fits = [o for o in variants["tensor"] if o.size_bits <= opt.size_bits]
+        ref = max(fits, key=lambda o: o.size_bits) if fits else t_opt
+        estimate = t_damage * (ref.inertia / t_opt.inertia) if t_opt.inertia > 0 else 0.0
+        if estimate <= 0:
+            continue
+        ratio = _damage(value, ctx) / estimate
+        if ratio < best_ratio:
+            best, best_ratio = g, ratio
+    return best
+
+
 def layer_sensitivity(ctx: SearchContext, settings: LayerSearchSettings = LayerSearchSettings()) -> dict:
     """Measure each layer alone and set ``layer.loss_alone``, ``loss_source`` and ``candidates``.
 
@@ -62,8 +153,8 @@ def layer_sensitivity(ctx: SearchContext, settings: LayerSearchSettings = LayerS
     walks: list[_Walk] = []
     for layer in ctx.layers:
         order = sorted(range(len(layer.options)), key=lambda i: layer.options[i].bits)
-        bits = [layer.options[i].bits for i in order]
-        probe_pos = int(np.argmin([abs(b - settings.probe_bits) + 0.01 * b for b in bits]))
+        probe_k = _probe_option(layer.options, settings.probe_bits).k
+        probe_pos = next(pos for pos, i in enumerate(order) if layer.options[i].k == probe_k)
         walks.append(_Walk(layer, order, probe_pos, probe_pos, None))
     cap = settings.cap * budget
     negligible = settings.negligible * budget
@@ -83,6 +174,9 @@ def layer_sensitivity(ctx: SearchContext, settings: LayerSearchSettings = LayerS
                 k = tup[walk.layer.name]
                 walk.layer.loss_alone[k] = loss
                 walk.layer.loss_source[k] = "measured"
+                divergence = ctx.divergence(tup)
+                if divergence is not None:
+                    walk.layer.divergence_alone[k] = divergence
                 if walk.down is not None:  # walking down from the probe
                     if pos == walk.probe:
                         walk.up = pos + 1 if (loss > negligible and pos + 1 < len(walk.order)) else None
@@ -104,7 +198,8 @@ def layer_sensitivity(ctx: SearchContext, settings: LayerSearchSettings = LayerS
 
 
 def _estimate_unscored(walk: _Walk) -> int:
-    """Proxy for the widths above the highest measured one: loss scales with clustering error."""
+    """Proxy for the widths above the highest measured one: loss (and output divergence)
+    scale with the clustering error."""
     layer = walk.layer
     measured = [i for i in walk.order if layer.options[i].k in layer.loss_alone]
     if not measured:
@@ -112,28 +207,36 @@ def _estimate_unscored(walk: _Walk) -> int:
     top = max(measured, key=lambda i: layer.options[i].bits)
     ref = layer.options[top]
     ref_loss = max(layer.loss_alone[ref.k], 0.0)
+    ref_divergence = layer.divergence_alone.get(ref.k)
     count = 0
     for i in walk.order:
         option = layer.options[i]
         if option.bits > ref.bits and option.k not in layer.loss_alone:
-            scale = option.inertia / ref.inertia if ref.inertia > 0 else 0.0
-            layer.loss_alone[option.k] = ref_loss * min(scale, 1.0)
+            scale = min(option.inertia / ref.inertia, 1.0) if ref.inertia > 0 else 0.0
+            layer.loss_alone[option.k] = ref_loss * scale
             layer.loss_source[option.k] = "proxy"
+            if ref_divergence is not None:
+                layer.divergence_alone[option.k] = ref_divergence * scale
             count += 1
     return count
 
 
 def pareto_candidates(layer: Layer, cap: float) -> list[int]:
-    """Ks on the (size, loss-alone) Pareto front with loss <= cap, smallest size first."""
+    """Ks with loss alone <= cap on the Pareto front of (size, damage), smallest size first.
+
+    Damage is the output divergence when every such k has one (smooth: a wider index that
+    measures the same quantised loss on the search subset still does less damage), else
+    the loss alone.
+    """
     known = [opt for opt in layer.options if opt.k in layer.loss_alone and layer.loss_alone[opt.k] <= cap]
-    known.sort(key=lambda opt: (opt.size_bits, layer.loss_alone[opt.k]))
+    damage = layer.divergence_alone if all(opt.k in layer.divergence_alone for opt in known) else layer.loss_alone
+    known.sort(key=lambda opt: (opt.size_bits, damage[opt.k]))
     kept: list[int] = []
     best = np.inf
-    for opt in known:  # ascending size: keep an option that loses strictly less than every smaller one
-        loss = layer.loss_alone[opt.k]
-        if loss < best - 1e-12:
+    for opt in known:  # ascending size: keep an option that does strictly less damage than every smaller one
+        if damage[opt.k] < best - 1e-15:
             kept.append(opt.k)
-            best = loss
+            best = damage[opt.k]
     return kept
 
 

@@ -14,7 +14,7 @@ import hashlib
 import importlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +83,30 @@ def _check_labels(labels: np.ndarray, width: int, output_name: str) -> None:
             f"labels y span [{lo}, {hi}] but output {output_name!r} has {width} classes (expected 0..{width - 1}); "
             "check the labels or choose the classification output with --output"
         )
+
+
+def output_divergence(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """How far the outputs moved from the reference outputs: a smooth measure of damage.
+
+    The sum over outputs of the relative squared error ``sum((y - r)**2) / sum(r**2)`` for
+    float outputs, and of the fraction of changed elements for the others (indices,
+    strings). Unlike a top-1 metric on a few hundred samples it is not quantised, and the
+    errors of independently perturbed layers add up in it (variances add), which is what
+    the network stage's predictor relies on.
+    """
+    total = 0.0
+    for out, ref in zip(outputs, reference):
+        out, ref = np.asarray(out), np.asarray(ref)
+        if out.shape != ref.shape:
+            return math.inf
+        if np.issubdtype(ref.dtype, np.floating):
+            diff = out.astype(np.float64) - ref.astype(np.float64)
+            energy = float(np.sum(np.square(ref, dtype=np.float64)))
+            err = float(np.sum(np.square(diff)))
+            total += err / energy if energy > 0 else (0.0 if err == 0 else math.inf)
+        elif ref.size:
+            total += float(np.mean(out != ref))
+    return total if math.isfinite(total) else math.inf
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxws.exploration import BudgetExhausted, Layer, SearchContext, Tuple_, within_budget
-from onnxws.predictor import FrontPoint, LinearLossPredictor, pareto_front
+from onnxws.predictor import DivergenceLink, FrontPoint, LinearLossPredictor, pareto_front
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +46,19 @@ class SearchOutcome:
     predictor: dict | None = None
 
 
-def _items(layer: Layer) -> list[tuple[int, int, float]]:
-    """(k, size_bits, loss alone) for each candidate of a layer, plus 'unshared'."""
-    out = [(k, layer.option(k).size_bits, layer.loss_alone[k]) for k in layer.candidates]
+def _items(layer: Layer, damage: dict[int, float] | None = None) -> list[tuple[int, int, float]]:
+    """(k, size_bits, damage alone) for each candidate of a layer, plus 'unshared'.
+
+    Damage is the loss alone unless another per-k measure (the output divergence) is given.
+    """
+    damage = layer.loss_alone if damage is None else damage
+    out = [(k, layer.option(k).size_bits, damage[k]) for k in layer.candidates]
     out.append((UNSHARED, layer.full_bits, 0.0))
     return out
 
 
 def _tuple(layers: list[Layer], ks: tuple[int, ...]) -> Tuple_:
     return {layer.name: k for layer, k in zip(layers, ks) if k != UNSHARED}
-
-
-def _features(layers: list[Layer], tup: Tuple_) -> np.ndarray:
-    return np.array([layer.loss_alone.get(tup.get(layer.name, UNSHARED), 0.0) if layer.name in tup else 0.0
-                     for layer in layers])
 
 
 def _feasible_sorted(ctx: SearchContext, subset: str = "search") -> list[Tuple_]:
@@ -72,6 +71,143 @@ def _feasible_sorted(ctx: SearchContext, subset: str = "search") -> list[Tuple_]
 
 
 # ---------------------------------------------------------------------------------------
+class _AdditiveLoss:
+    """The paper's model: ``AL = sum_i alpha_i * AL_i(k_i)``, alphas regressed on scored tuples
+    near the budget (tuples far past it are super-additive: several layers at their edge)."""
+
+    name = "additive"
+
+    def __init__(self, ctx: SearchContext, ridge: float) -> None:
+        self.ctx = ctx
+        self.linear = LinearLossPredictor(len(ctx.layers), ridge=ridge)
+        self.items = [_items(layer) for layer in ctx.layers]
+
+    def features(self, tup: Tuple_) -> np.ndarray:
+        return np.array([layer.loss_alone[tup[layer.name]] if layer.name in tup else 0.0 for layer in self.ctx.layers])
+
+    def fit(self, tuples: list[Tuple_], exclude: tuple | None = None) -> None:
+        """Fit on scored tuples; ``exclude`` (a tuple key) leaves one point out entirely."""
+        tuples = [t for t in tuples if SearchContext.key(t) != exclude]
+        X = np.array([self.features(t) for t in tuples]).reshape(-1, len(self.ctx.layers))
+        y = np.array([self.ctx.known(t) for t in tuples], dtype=np.float64)
+        near = y <= FIT_WINDOW * self.ctx.budget
+        if near.sum() >= 2:
+            X, y = X[near], y[near]
+        self.linear.fit(X, y)
+
+    def predict(self, tup: Tuple_) -> float:
+        return self.loss(float(self.features(tup) @ self.linear.alphas_))
+
+    def loss(self, feature_sum: float) -> float:
+        return feature_sum
+
+    def feature_limit(self, loss: float) -> float:
+        return loss
+
+    def band(self) -> float:
+        mae = self.linear.loo_mae_ if self.linear.n_fit_ else None
+        return mae if mae is not None else 0.25 * self.ctx.target
+
+    def stats(self) -> dict:
+        return {"model": self.name, "r2": self.linear.r2_, "loo_mae": self.linear.loo_mae_, "n_fit": self.linear.n_fit_}
+
+
+class _DivergenceLoss(_AdditiveLoss):
+    """``AL = g(sum_i alpha_i * D_i(k_i))``: the divergences of the layers alone add up to the
+    tuple's (alphas regressed on the divergence each scored tuple measured, ridge towards 1),
+    and ``g`` (``predictor.DivergenceLink``) turns a divergence into a loss."""
+
+    name = "divergence"
+
+    def __init__(self, ctx: SearchContext, ridge: float) -> None:
+        super().__init__(ctx, ridge)
+        self.items = [_items(layer, layer.divergence_alone) for layer in ctx.layers]
+        self.link = DivergenceLink()
+        self.loss_errors: list[float] = []
+
+    def features(self, tup: Tuple_) -> np.ndarray:
+        return np.array([layer.divergence_alone[tup[layer.name]] if layer.name in tup else 0.0 for layer in self.ctx.layers])
+
+    def fit(self, tuples: list[Tuple_], exclude: tuple | None = None) -> None:
+        ctx = self.ctx
+        tuples = [t for t in tuples if SearchContext.key(t) != exclude]
+        scored = [(e.divergence, e.loss_measured) for e in ctx.explored
+                  if e.subset == "search" and e.divergence is not None and e.k and SearchContext.key(e.k) != exclude]
+        self.link.fit(np.array([d for d, _ in scored]), np.array([loss for _, loss in scored]))
+        X = np.array([self.features(t) for t in tuples]).reshape(-1, len(ctx.layers))
+        d = np.array([ctx.divergence(t) for t in tuples], dtype=np.float64)
+        ok = np.isfinite(d)
+        self.linear.fit(X[ok], d[ok])
+        # How well the whole model predicted the scored tuples' losses (in-sample).
+        self.loss_errors = [abs(float(self.link.loss(x @ self.linear.alphas_)) - ctx.known(t))
+                            for x, t in zip(X, tuples)]
+
+    def loss(self, feature_sum: float) -> float:
+        return float(self.link.loss(feature_sum))
+
+    def feature_limit(self, loss: float) -> float:
+        return self.link.divergence_limit(loss)
+
+    def band(self) -> float:
+        if len(self.loss_errors) >= 3:
+            return float(np.mean(self.loss_errors))
+        return 0.25 * self.ctx.target
+
+    def stats(self) -> dict:
+        return {"model": self.name, "r2": self.linear.r2_, "loo_mae": self.linear.loo_mae_, "n_fit": self.linear.n_fit_,
+                "loss_mae": float(np.mean(self.loss_errors)) if self.loss_errors else None,
+                "link_points": self.link.n_fit_}
+
+
+def loo_error(model: _AdditiveLoss, tuples: list[Tuple_]) -> float | None:
+    """Leave-one-out mean absolute error (loss unit) of a loss model over the scored tuples
+    near the budget (None below 3 of them); leaves ``model`` fitted on all of them."""
+    near = [t for t in tuples if model.ctx.known(t) <= FIT_WINDOW * model.ctx.budget]
+    errors = []
+    if len(near) >= 3:
+        for t in near:
+            model.fit(tuples, exclude=SearchContext.key(t))
+            errors.append(abs(model.predict(t) - model.ctx.known(t)))
+    model.fit(tuples)
+    return float(np.mean(errors)) if errors else None
+
+
+class _BestOfLoss:
+    """``auto``: both models fitted every round; the one with the smaller leave-one-out error
+    on the scored tuples predicts (the divergence model until there are tuples to compare).
+    Deep networks scored by top-1 on a few hundred samples favour the divergence model (a
+    layer alone loses 0 or 1 sample); shallow ones with many samples can favour the paper's."""
+
+    def __init__(self, ctx: SearchContext, ridge: float) -> None:
+        self.ctx = ctx
+        self.models = [_DivergenceLoss(ctx, ridge), _AdditiveLoss(ctx, ridge)]
+        self.active = self.models[0]
+        self.errors: dict[str, float | None] = {}
+
+    def fit(self, tuples: list[Tuple_]) -> None:
+        self.errors = {m.name: loo_error(m, tuples) for m in self.models}
+        known = [m for m in self.models if self.errors[m.name] is not None]
+        self.active = min(known, key=lambda m: self.errors[m.name]) if len(known) == len(self.models) else self.models[0]
+
+    def __getattr__(self, name: str):  # items, linear, loss, feature_limit, band, predict
+        return getattr(self.active, name)
+
+    def stats(self) -> dict:
+        return {**self.active.stats(), "loo_mae_by_model": dict(self.errors)}
+
+
+def _loss_model(ctx: SearchContext, model: str, ridge: float):
+    """The model asked for; ``divergence`` and ``auto`` need a divergence for every candidate
+    (else the paper's additive model)."""
+    divergences = ctx.has_divergence and all(
+        k in layer.divergence_alone for layer in ctx.layers for k in layer.candidates)
+    if model == "auto" and divergences:
+        return _BestOfLoss(ctx, ridge)
+    if model == "divergence" and divergences:
+        return _DivergenceLoss(ctx, ridge)
+    return _AdditiveLoss(ctx, ridge)
+
+
 def predictor_search(
     ctx: SearchContext,
     *,
@@ -80,83 +216,80 @@ def predictor_search(
     per_round: int = 2,
     patience: int = 4,
     ridge: float = 0.3,
+    model: str = "auto",
 ) -> SearchOutcome:
-    """The paper's predictor + exact front search + active refinement (module docstring)."""
+    """The predictor + exact front search + active refinement (module docstring).
+
+    Args:
+        model: ``divergence`` (the loss as a fitted function of the summed output divergences,
+            used when the evaluator reports divergences), ``additive`` (the paper's sum of
+            weighted losses alone) or ``auto`` (each round, the one with the smaller
+            leave-one-out error on the tuples scored so far).
+    """
     layers = ctx.layers
-    items = [_items(layer) for layer in layers]
+    loss_model = _loss_model(ctx, model, ridge)
     rng = np.random.default_rng(seed)
-    predictor = LinearLossPredictor(len(layers), ridge=ridge)
     outcome = SearchOutcome()
     if n_random is None:
         n_random = int(min(2 * len(layers) + 1, 12))
-    X_rows: list[np.ndarray] = []
-    y_rows: list[float] = []
+    fitted: list[Tuple_] = []  # the scored tuples of this stage
     randoms: list[Tuple_] = []
 
-    def absorb(tuples: list[Tuple_], losses: list[float]) -> None:
-        for tup, loss in zip(tuples, losses):
-            X_rows.append(_features(layers, tup))
-            y_rows.append(loss)
-
-    def fit_predictor() -> None:
-        """Fit on the tuples near the budget: the linear model only has to hold there, and
-        tuples far past it are super-additive (several layers at their edge at once)."""
-        X = np.array(X_rows).reshape(-1, len(layers))
-        y = np.array(y_rows)
-        near = y <= FIT_WINDOW * ctx.budget
-        if near.sum() >= 2:
-            X, y = X[near], y[near]
-        predictor.fit(X, y)
-
     def front_for(alphas: np.ndarray, limit: float) -> list[FrontPoint]:
-        weighted = [[(size, float(a) * loss) for _, size, loss in layer_items]
-                    for a, layer_items in zip(alphas, items)]
+        weighted = [[(size, float(a) * feature) for _, size, feature in layer_items]
+                    for a, layer_items in zip(alphas, loss_model.items)]
         return pareto_front(weighted, loss_limit=limit)
 
+    def tuple_of(point: FrontPoint) -> Tuple_:
+        return _tuple(layers, tuple(loss_model.items[i][c][0] for i, c in enumerate(point.choice)))
+
     try:
-        # 1. Random tuples near the budget for the regression (the paper's sample).
+        # 1. Random tuples near the budget for the regression (the paper's sample); the
+        #    divergence model's link is first fitted on the layers alone.
+        loss_model.fit([])
         for _ in range(n_random * 4):
             if len(randoms) >= n_random:
                 break
             noise = np.exp(rng.uniform(np.log(0.33), np.log(3.0), size=len(layers)))
-            level = ctx.target * rng.uniform(0.4, 1.6)
+            level = loss_model.feature_limit(ctx.target * rng.uniform(0.4, 1.6))
             points = front_for(noise, level)
             if not points:
                 continue
             pick = points[0] if rng.random() < 0.5 else points[int(rng.integers(len(points)))]
-            tup = _tuple(layers, tuple(items[i][c][0] for i, c in enumerate(pick.choice)))
+            tup = tuple_of(pick)
             if tup and all(SearchContext.key(tup) != SearchContext.key(t) for t in randoms):
                 randoms.append(tup)
         ctx.progress("fit", 0, len(randoms), "scoring random tuples for the predictor")
         if randoms:
-            absorb(randoms, ctx.losses(randoms, "search", stage="fit"))
+            ctx.losses(randoms, "search", stage="fit")
+            fitted.extend(randoms)
 
         # 2. Active refinement.
         stale = 0
         best_ratio = max((ctx.ratio(t) for t in _feasible_sorted(ctx)), default=0.0)
         while True:
-            fit_predictor()
+            loss_model.fit(fitted)
+            alphas = loss_model.linear.alphas_
             # Explore within the predictor's own error band: a tuple predicted just above the
             # target may well be within it, and scoring it is what improves the fit there.
-            band = predictor.loo_mae_ if predictor.loo_mae_ is not None else 0.25 * ctx.target
-            front = front_for(predictor.alphas_, ctx.target + band)
+            front = front_for(alphas, loss_model.feature_limit(ctx.target + loss_model.band()))
+            predicted = [loss_model.loss(p.loss) for p in front]
             better = []
-            for point in front:  # ascending size = descending CR
-                tup = _tuple(layers, tuple(items[i][c][0] for i, c in enumerate(point.choice)))
+            for point, loss in zip(front, predicted):  # ascending size = descending CR
+                tup = tuple_of(point)
                 if tup and ctx.known(tup) is None and ctx.ratio(tup) > best_ratio:
-                    better.append((tup, point.loss))
+                    better.append((tup, loss))
             inside = [p for p in better if p[1] <= ctx.target + 1e-12]
             proposals = inside[:per_round] or sorted(better, key=lambda p: p[1])[:per_round]
-            outcome.front = [(_tuple(layers, tuple(items[i][c][0] for i, c in enumerate(p.choice))),
-                              ctx.total_full_bits / max(p.size_bits, 1), p.loss) for p in front
-                             if p.loss <= ctx.target + 1e-12]
+            outcome.front = [(tuple_of(p), ctx.total_full_bits / max(p.size_bits, 1), loss)
+                             for p, loss in zip(front, predicted) if loss <= ctx.target + 1e-12]
             if not proposals:
                 break
             tuples = [p[0] for p in proposals]
-            losses = ctx.losses(tuples, "search", stage="network", predicted=[p[1] for p in proposals])
-            absorb(tuples, losses)
+            ctx.losses(tuples, "search", stage="network", predicted=[p[1] for p in proposals])
+            fitted.extend(tuples)
             new_best = max((ctx.ratio(t) for t in _feasible_sorted(ctx)), default=0.0)
-            ctx.progress("network", len(y_rows), 0, _best_message(ctx))
+            ctx.progress("network", len(fitted), 0, _best_message(ctx))
             if new_best > best_ratio + 1e-9:
                 best_ratio, stale = new_best, 0
             else:
@@ -165,18 +298,16 @@ def predictor_search(
                     break
     except BudgetExhausted:
         logger.info("network search stopped by %s", ctx.stopped_by)
-    if y_rows:
-        fit_predictor()
+    fitted = [t for t in fitted if ctx.known(t) is not None]
+    if fitted:
+        loss_model.fit(fitted)
         outcome.predictor = {
-            "alphas": {layer.name: float(a) for layer, a in zip(layers, predictor.alphas_)},
+            "alphas": {layer.name: float(a) for layer, a in zip(layers, loss_model.linear.alphas_)},
             "intercept": 0.0,
-            "r2": predictor.r2_,
-            "loo_mae": predictor.loo_mae_,
-            "n_fit": predictor.n_fit_,
+            **loss_model.stats(),
             "n_random": len(randoms),
             "ridge": ridge,
         }
-        outcome.alphas = predictor.alphas_  # type: ignore[attr-defined]
     outcome.feasible = _feasible_sorted(ctx)
     return outcome
 

@@ -29,7 +29,7 @@ from onnxws.discovery import Discovery, constant_tensors, find_weights, weight_v
 from onnxws.encoding import EncodeResult, decoded_weights, encode_model, model_weight_bytes
 from onnxws.errors import BudgetError, InputError, NothingToShareError, VerificationError
 from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_unit, within_budget
-from onnxws.layer_search import layer_sensitivity
+from onnxws.layer_search import choose_granularities, layer_sensitivity
 from onnxws.loading import check_model, load_model, model_sha256
 from onnxws.metrics import resolve_metric
 from onnxws.network_search import (
@@ -41,7 +41,7 @@ from onnxws.network_search import (
     verify_full,
 )
 from onnxws.scoring import Scorer, evaluate_model
-from onnxws.sharing import SharedWeight, index_bits
+from onnxws.sharing import Granularity, SharedWeight, index_bits
 
 logger = logging.getLogger(__name__)
 
@@ -160,17 +160,27 @@ def compress(
     # 2. Cluster ---------------------------------------------------------------------------
     t0 = time.perf_counter()
     shares: dict[str, dict[int, SharedWeight]] = {}
+    variants: dict[str, dict[str, tuple[list[Option], dict[int, SharedWeight]]]] = {}  # granularity "auto"
     layers: list[Layer] = []
     for i, info in enumerate(discovery.weights):
         notify("cluster", i, len(discovery.weights), info.name)
         settings = config.settings_for(info.name, info.op_type)
         ks = sorted({min(2 ** b, settings.k_max) for b in settings.bits})
         values = weight_values(proto, info.name)
-        by_k = share_weight_all_k(info.name, values, ks, settings.granularity, info.channel_axis)
-        shares[info.name] = by_k
         cb_bits = _dtype_bits(info.dtype)
-        options_ = [Option(k, index_bits(k), sw.stored_bits(cb_bits), float(sw.inertia)) for k, sw in sorted(by_k.items())]
-        layers.append(Layer(info.name, info.params, info.params * cb_bits, options_))
+        kinds = [settings.granularity]
+        if settings.granularity.kind == "auto":  # both measured in the layer stage
+            kinds = [Granularity("tensor")]
+            if values.ndim >= 2 and values.shape[info.channel_axis] > 1:
+                kinds.append(Granularity("channel"))
+        for granularity in kinds:
+            by_k = share_weight_all_k(info.name, values, ks, granularity, info.channel_axis)
+            options_ = [Option(k, index_bits(k), sw.stored_bits(cb_bits), float(sw.inertia)) for k, sw in sorted(by_k.items())]
+            if granularity is kinds[0]:
+                shares[info.name] = by_k
+                layers.append(Layer(info.name, info.params, info.params * cb_bits, options_))
+            if len(kinds) > 1:
+                variants.setdefault(info.name, {})[granularity.kind] = (options_, by_k)
     notify("cluster", len(discovery.weights), len(discovery.weights), "done")
     timings["cluster"] = time.perf_counter() - t0
 
@@ -182,7 +192,7 @@ def compress(
     try:
         def evaluate(tuples: list[dict[str, int]], subset: str) -> list[float]:
             candidates = [{name: shares[name][k].decode() for name, k in tup.items()} for tup in tuples]
-            return scorer.score(candidates, subset)
+            return scorer.score_with_divergence(candidates, subset)
 
         baseline = {"search": scorer.baseline_search, "full": scorer.baseline_full}
         ctx = SearchContext(layers, evaluate, baseline, config.loss, config.loss_mode,
@@ -192,6 +202,14 @@ def compress(
 
         # 4. Layer stage ---------------------------------------------------------------------
         t0 = time.perf_counter()
+        if variants:
+            def score_variants(requests: list[tuple[str, str, int]]) -> list[tuple[float, float]]:
+                return scorer.score_with_divergence([{name: variants[name][g][1][k].decode()} for name, g, k in requests])
+
+            picked = choose_granularities(ctx, {name: {g: opts for g, (opts, _) in by_g.items()}
+                                                for name, by_g in variants.items()}, score_variants)
+            for name, g in picked.items():
+                shares[name] = variants[name][g][1]
         proxy_stats = layer_sensitivity(ctx)
         timings["layer"] = time.perf_counter() - t0
 
@@ -340,7 +358,7 @@ def _search_and_verify(ctx: SearchContext, config: CompressConfig, uniform_tuple
             outcome = greedy_search(ctx)
             top = untried(outcome.feasible)[:1]
         else:
-            outcome = predictor_search(ctx, seed=config.seed)
+            outcome = predictor_search(ctx, seed=config.seed, model=config.predictor)
             top = untried(outcome.feasible)[:1]
         if not top:
             break
@@ -408,6 +426,7 @@ def _build_report(*, proto, model_path, data_path, eval_data: EvalData, metric: 
         k = chosen.get(layer.name)
         enc = enc_by_name.get(layer.name)
         candidates = [{"k": opt.k, "bits": opt.bits, "loss": layer.loss_alone.get(opt.k),
+                       "divergence": layer.divergence_alone.get(opt.k),
                        "source": layer.loss_source.get(opt.k), "candidate": opt.k in layer.candidates}
                       for opt in layer.options]
         layers.append({
@@ -436,7 +455,7 @@ def _build_report(*, proto, model_path, data_path, eval_data: EvalData, metric: 
     pareto = [{"k": tup, "ratio": ratio, "loss_predicted": pred, "loss_measured": ctx.known(tup)}
               for tup, ratio, pred in (outcome.front if outcome else [])]
     explored = [{"k": e.k, "ratio": e.ratio, "loss_predicted": e.loss_predicted, "loss_measured": e.loss_measured,
-                 "stage": e.stage, "subset": e.subset} for e in ctx.explored]
+                 "divergence": e.divergence, "stage": e.stage, "subset": e.subset} for e in ctx.explored]
     stats = scorer.stats() if hasattr(scorer, "stats") else {}
     report = {
         "onnxws_version": __version__,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import nnls
+from sklearn.isotonic import IsotonicRegression
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,53 @@ class LinearLossPredictor:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(X, dtype=np.float64).reshape(-1, self.n_layers) @ self.alphas_
+
+
+class DivergenceLink:
+    """Monotone map from output divergence to accuracy loss, fitted on every scored point.
+
+    A top-1 metric on a few hundred samples is quantised (one flipped sample is 1/n) and
+    noisy, so the loss of a layer alone is 0 for many harmless layers and one or two flips
+    for others, and sums of such losses over 50 layers say little. The output divergence
+    (``metrics.output_divergence``) measured in the same runs is smooth, and the divergences
+    of layers perturbed together add up (independent errors: variances add). The loss of any
+    tuple is then modelled as ``g(D)``, one monotone function of its divergence, fitted by
+    isotonic regression on all scored points (layers alone and tuples) and anchored at
+    ``g(0) = 0``; it is interpolated linearly in ``sqrt(D)`` (for small errors the share of
+    flipped top-1 decisions grows with the output error's standard deviation) and
+    extrapolated past the last point along the line from the origin through it.
+    """
+
+    def fit(self, divergences: np.ndarray, losses: np.ndarray) -> DivergenceLink:
+        x = np.sqrt(np.maximum(np.asarray(divergences, dtype=np.float64), 0.0))
+        y = np.asarray(losses, dtype=np.float64)
+        ok = np.isfinite(x) & np.isfinite(y)
+        x, y = np.concatenate([[0.0], x[ok]]), np.concatenate([[0.0], y[ok]])
+        iso = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(x, y)
+        self.x_, self.y_ = np.asarray(iso.X_thresholds_, dtype=np.float64), np.asarray(iso.y_thresholds_, dtype=np.float64)
+        self.n_fit_ = int(ok.sum())
+        return self
+
+    def loss(self, divergence: np.ndarray | float) -> np.ndarray:
+        """Predicted loss for divergences (array in, array out)."""
+        x = np.sqrt(np.maximum(np.asarray(divergence, dtype=np.float64), 0.0))
+        out = np.interp(x, self.x_, self.y_)
+        x_max, y_max = self.x_[-1], self.y_[-1]
+        if x_max > 0 and y_max > 0:
+            out = np.where(x > x_max, y_max * x / x_max, out)
+        return out
+
+    def divergence_limit(self, loss: float) -> float:
+        """The largest divergence whose predicted loss is <= ``loss`` (inf if every one is)."""
+        x_max, y_max = self.x_[-1], self.y_[-1]
+        if y_max <= loss:
+            return np.inf if y_max <= 0 else float((x_max * loss / y_max) ** 2)
+        above = int(np.argmax(self.y_ > loss))  # first threshold over the loss (index >= 1: y_[0] = g(0) <= 0 <= loss)
+        if above == 0:
+            return 0.0
+        x0, x1, y0, y1 = self.x_[above - 1], self.x_[above], self.y_[above - 1], self.y_[above]
+        x = x0 if y1 == y0 else x0 + (loss - y0) / (y1 - y0) * (x1 - x0)
+        return float(x * x)
 
 
 @dataclass(frozen=True)

@@ -254,10 +254,20 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
     pred_html = "<p>No predictor for this strategy.</p>"
     if pred:
         rows = [[esc(n), f"{a:.3f}"] for n, a in pred.get("alphas", {}).items()]
-        pred_html = (f"<p>AL(tuple) = Σ α<sub>i</sub>·AL<sub>i</sub>(k<sub>i</sub>), fitted on {pred.get('n_fit')} scored tuples "
-                     f"({pred.get('n_random')} random near the budget, the rest from active refinement); "
-                     f"R² = {_num(pred.get('r2'))}, leave-one-out MAE = {_num(pred.get('loo_mae'))} {unit}.</p>"
-                     + _table(["tensor", "α"], rows, {1}))
+        by_model = pred.get("loo_mae_by_model") or {}
+        chosen = (f" Chosen by leave-one-out error on the scored tuples: divergence {_num(by_model.get('divergence'))}, "
+                  f"additive {_num(by_model.get('additive'))} {unit}.") if by_model else ""
+        if pred.get("model") == "divergence":
+            pred_html = (f"<p>AL(tuple) = g(Σ α<sub>i</sub>·D<sub>i</sub>(k<sub>i</sub>)): D<sub>i</sub> is the output divergence of layer i "
+                         f"shared alone, α fitted on {pred.get('n_fit')} scored tuples ({pred.get('n_random')} random near the budget, "
+                         f"the rest from active refinement; R² of the divergence sum = {_num(pred.get('r2'))}), g a monotone map "
+                         f"from divergence to loss fitted on {pred.get('link_points')} scored points; mean error on the scored "
+                         f"tuples {_num(pred.get('loss_mae'))} {unit}.{chosen}</p>")
+        else:
+            pred_html = (f"<p>AL(tuple) = Σ α<sub>i</sub>·AL<sub>i</sub>(k<sub>i</sub>) (the paper's predictor), fitted on {pred.get('n_fit')} scored tuples "
+                         f"({pred.get('n_random')} random near the budget, the rest from active refinement); "
+                         f"R² = {_num(pred.get('r2'))}, leave-one-out MAE = {_num(pred.get('loo_mae'))} {unit}.{chosen}</p>")
+        pred_html += _table(["tensor", "α"], rows, {1})
     proxy = e.get("proxy") or {}
     proxy_html = (f"<p>Score-free proxy (clustering error) vs measured layer loss: mean Spearman ρ = {_num(proxy.get('spearman'))}; "
                   f"{proxy.get('estimated_points', 0)} layer/width points estimated by the proxy instead of scored.</p>")

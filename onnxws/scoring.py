@@ -47,7 +47,7 @@ from onnx import helper, numpy_helper
 from onnxws.cache import ScoreCache
 from onnxws.data import EvalData, model_inputs
 from onnxws.errors import InputError, OnnxwsError, UsageError
-from onnxws.metrics import Metric, reference_key
+from onnxws.metrics import Metric, output_divergence, reference_key
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ EXTERNAL_MIN_BYTES = 4096
 """Non-weight initializers at least this large are also passed as in-memory external data, so
 the per-candidate model bytes that ORT parses stay small."""
 _EXTERNAL_LOCATION = "onnxws-in-memory"
+_DIVERGENCE_KEY = "|divergence"  # the cache row of a candidate's output divergence: its key + this
 _PROTO_LIMIT = 2**31 - 1 - 64 * 2**20  # protobuf cannot serialise a message over 2 GiB
 # Candidates at least this large are hashed one array per thread (hashlib releases the GIL):
 # SHA-256 runs at ~1.8 GB/s per core here, 58 ms for ResNet-50's 102 MB of weights.
@@ -610,7 +611,7 @@ class Scorer:
         self._views: dict[str, dict[str, np.ndarray]] = {}
         self._reference: dict[str, list[np.ndarray]] = {}
         self._baseline: dict[str, float] = {}
-        self._memo: dict[str, float] = {}
+        self._memo: dict[str, tuple[float, float]] = {}
         self.scorings = 0
         self.scorings_run = 0
         self.scorings_cached = 0
@@ -657,30 +658,41 @@ class Scorer:
         Raises:
             ValueError: an unknown weight name, dtype or shape.
         """
+        return [value for value, _ in self.score_with_divergence(candidates, subset)]
+
+    def score_with_divergence(self, candidates: Sequence[Mapping[str, np.ndarray]],
+                              subset: str = "search") -> list[tuple[float, float]]:
+        """Like ``score``, with each candidate's output divergence from the unmodified model
+        (``metrics.output_divergence`` over the metric's output, or all outputs for a custom
+        metric): ``[(metric value, divergence), ...]``. Both come from the same run and are
+        cached together."""
         self._check_subset(subset)
-        values: list[float] = []
+        results: list[tuple[float, float]] = []
         for candidate in candidates:
             self._check_candidate(candidate)
             key = self.key(candidate, subset)
-            value = self._memo.get(key)
-            if value is None and self.cache is not None:
-                value = self.cache.get(key)
-            if value is None:
+            result = self._memo.get(key)
+            if result is None and self.cache is not None:
+                value, divergence = self.cache.get(key), self.cache.get(key + _DIVERGENCE_KEY)
+                if value is not None and divergence is not None:
+                    result = (value, divergence)
+            if result is None:
                 outputs = self._run_suffix(candidate, subset) if self.reuse_activations else None
                 if outputs is None:
                     outputs = self._run(candidate, subset)
                 else:
                     self.scorings_suffix += 1
-                value = self._evaluate(outputs, subset)
+                result = (self._evaluate(outputs, subset), self._divergence(outputs, subset))
                 self.scorings_run += 1
                 if self.cache is not None:
-                    self.cache.put(key, value)
+                    self.cache.put(key, result[0])
+                    self.cache.put(key + _DIVERGENCE_KEY, result[1])
             else:
                 self.scorings_cached += 1
-            self._memo[key] = value
+            self._memo[key] = result
             self.scorings += 1
-            values.append(value)
-        return values
+            results.append(result)
+        return results
 
     def outputs(self, candidate: Mapping[str, np.ndarray], subset: str = "full") -> list[np.ndarray]:
         """Raw model outputs with ``candidate``'s weights (concatenated over batches); not a scoring."""
@@ -826,6 +838,13 @@ class Scorer:
             reference = self.reference_outputs(subset)
             data.update({reference_key(n): r for n, r in zip(self._output_names, reference)})
         return float(self.metric.fn(outputs, data))
+
+    def _divergence(self, outputs: list[np.ndarray], subset: str) -> float:
+        reference = self.reference_outputs(subset)
+        if self.metric.output is not None and self.metric.output in self._output_names:
+            i = self._output_names.index(self.metric.output)
+            return output_divergence([outputs[i]], [reference[i]])
+        return output_divergence(outputs, reference)
 
     def _compute_baseline(self, subset: str, outputs: list[np.ndarray] | None = None) -> None:
         if outputs is None:

@@ -25,7 +25,9 @@ class Granularity:
     """How many codebooks a tensor gets.
 
     ``kind`` is ``"tensor"`` (one codebook), ``"channel"`` (one per output channel) or
-    ``"group"`` (one per ``group_size`` consecutive output channels).
+    ``"group"`` (one per ``group_size`` consecutive output channels). ``"auto"`` is a
+    setting, not an encoding: the pipeline measures tensor and channel codebooks per tensor
+    and keeps one (``layer_search.choose_granularities``).
     """
 
     kind: str = "tensor"
@@ -35,7 +37,7 @@ class Granularity:
     def parse(cls, text: str) -> Granularity:
         """Parse ``tensor``, ``channel`` or ``group:N`` (N >= 1 output channels per group)."""
         text = text.strip().lower()
-        if text in ("tensor", "channel"):
+        if text in ("tensor", "channel", "auto"):
             return cls(text, 1)
         if text.startswith("group:"):
             try:
@@ -44,7 +46,7 @@ class Granularity:
                 n = 0
             if n >= 1:
                 return cls("group", n)
-        raise ValueError(f"invalid granularity {text!r}: expected tensor, channel or group:N with N >= 1")
+        raise ValueError(f"invalid granularity {text!r}: expected tensor, channel, group:N with N >= 1, or auto")
 
     def __str__(self) -> str:
         return self.kind if self.kind != "group" else f"group:{self.group_size}"

@@ -68,7 +68,7 @@ def test_invalid_run_options_name_key_value_and_allowed(kwargs, needle):
     ({"global": {"k_max": 257}}, "global.k_max = 257"),
     ({"global": {"min_params": 0}}, "global.min_params = 0: expected an integer >= 1"),
     ({"global": {"skip": "yes"}}, "global.skip = 'yes': expected true or false"),
-    ({"global": {"granularity": "row"}}, "global.granularity = 'row': expected tensor, channel or group:N"),
+    ({"global": {"granularity": "row"}}, "global.granularity = 'row': expected tensor, channel, group:N"),
     ({"global": {"granularity": "group:0"}}, "global.granularity = 'group:0'"),
     ({"global": {"granularity": 4}}, "got an integer"),
     ({"global": {"colour": 1}}, "[global]: unknown key 'colour'; allowed: loss, loss_mode,"),
@@ -206,7 +206,7 @@ def test_to_toml_is_deterministic_and_omits_none():
                                   "op_type": {"Conv": {"skip": True}, "Gemm": {"bits": [2, 4], "k_max": 8}}})
     assert a == b and a.to_toml() == b.to_toml()
     glob = a.to_dict()["global"]
-    assert list(glob) == ["loss", "loss_mode", "device", "search_samples", "strategy", "seed",
+    assert list(glob) == ["loss", "loss_mode", "device", "search_samples", "strategy", "predictor", "seed",
                           "skip", "min_params", "bits", "k_max", "granularity"]
     assert list(a.to_dict()["op_type"]) == ["Conv", "Gemm"]
     assert list(a.to_dict()["op_type"]["Gemm"]) == ["bits", "k_max"]

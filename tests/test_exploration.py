@@ -231,3 +231,127 @@ def test_repeated_tuples_are_scored_once():
     ctx.losses([{"w0": 4}, {"w0": 4}], "search")
     ctx.losses([{"w0": 4}], "search")
     assert ctx.scorings == 1 and calls == [(1, "search")]
+
+
+# -- many layers, a quantised top-1 metric: the divergence model -------------------------------
+
+def quantised_top1_network(n_layers: int = 30, samples: int = 250, seed: int = 0):
+    """A stub like a deep classifier scored by top-1 on ``samples`` inputs: each layer's output
+    divergence alone is ``s_i * 4**-b`` (s_i spread over two decades), divergences add, and the loss in pp is
+    ``c * sqrt(total divergence)`` rounded to whole flipped samples (1 sample = 100/samples pp)."""
+    rng = np.random.default_rng(seed)
+    params = rng.integers(2_000, 200_000, size=n_layers)
+    sens = np.exp(rng.uniform(np.log(0.05), np.log(5.0), size=n_layers))
+    layers, div = [], {}
+    for i, (n, s) in enumerate(zip(params, sens)):
+        name = f"w{i}"
+        layers.append(Layer(name, int(n), 32 * int(n), [Option(2**b, b, int(n) * b + 32 * 2**b, float(n) * 4.0 ** (-b))
+                                                        for b in BITS]))
+        div[name] = {2**b: float(s) * 6.25e-4 * 4.0 ** (3 - b) for b in BITS}  # ~0.5 pp alone at 3 bits
+    c, step = 20.0, 100.0 / samples
+
+    def loss_of(total: float) -> float:
+        return round(c * np.sqrt(total) / step) * step
+
+    def evaluate(tuples, subset):
+        out = []
+        for tup in tuples:
+            total = sum(div[n][k] for n, k in tup.items())
+            out.append((0.9 - loss_of(total) / 100.0, total))
+        return out
+
+    return layers, div, evaluate, loss_of
+
+
+def test_divergence_link_is_monotone_and_inverts():
+    from onnxws.predictor import DivergenceLink
+
+    d = np.array([1e-6, 4e-6, 1e-4, 4e-4, 1e-3, 4e-3])
+    loss = np.array([0.0, 0.4, 0.0, 0.4, 0.8, 1.6])  # noisy, quantised
+    link = DivergenceLink().fit(d, loss)
+    grid = np.geomspace(1e-8, 1e-1, 200)
+    pred = link.loss(grid)
+    assert link.loss(0.0) == 0.0 and np.all(np.diff(pred) >= -1e-12)
+    for target in (0.1, 0.5, 1.0, 1.5):
+        limit = link.divergence_limit(target)
+        assert link.loss(limit) == pytest.approx(target, abs=1e-9)
+        assert link.loss(limit * 1.01) > target - 1e-9
+    # past the last point: along the line from the origin in sqrt(D), so finite limits
+    assert link.divergence_limit(3.2) == pytest.approx(4e-3 * 4, rel=1e-9)
+
+
+def test_divergence_model_beats_the_additive_one_on_a_deep_quantised_network():
+    """30 layers, top-1 on 250 samples: a layer alone loses 0 or one sample, so the paper's
+    sum of losses alone cannot tell the layers apart; the divergence model reaches the exact
+    optimum of the true loss within a few percent, with a few dozen network scorings."""
+    from onnxws.network_search import _items
+
+    ratios = {}
+    for model in ("divergence", "additive"):
+        layers, div, evaluate, loss_of = quantised_top1_network()
+        ctx = SearchContext(layers, evaluate, {"search": 0.9, "full": 0.9}, 1.0, "absolute")
+        layer_sensitivity(ctx)
+        before = ctx.scorings
+        outcome = predictor_search(ctx, model=model)
+        best = outcome.feasible[0]
+        assert within_budget(ctx.known(best), 1.0)
+        assert ctx.scorings - before <= 60
+        assert outcome.predictor["model"] == model
+        ratios[model] = ctx.ratio(best)
+    # the true optimum over the same candidates: loss <= 1 pp <=> total divergence below a limit
+    limit = max(d for d in np.geomspace(1e-9, 1.0, 4000) if loss_of(d) <= 1.0)
+    front = pareto_front([[(s, f) for _, s, f in _items(layer, div[layer.name])] for layer in layers], loss_limit=limit)
+    optimum = sum(layer.full_bits for layer in layers) / min(p.size_bits for p in front)
+    assert ratios["divergence"] >= 0.97 * optimum
+    assert ratios["divergence"] > ratios["additive"]
+
+
+# -- granularity "auto": tensor or channel codebooks, measured --------------------------------
+
+def _variant_options(n: int, channels: int, error_scale: float) -> list[Option]:
+    per = 1 if channels == 1 else channels
+    return [Option(2**b, b, n * b + 32 * 2**b * per, error_scale * n * 4.0 ** (-b)) for b in BITS]
+
+
+def test_choose_granularities_keeps_channel_codebooks_only_where_they_pay():
+    from onnxws.layer_search import choose_granularities
+
+    n = 4096
+    layers = [Layer(name, n, 32 * n, _variant_options(n, 1, 1.0)) for name in ("scaled", "plain", "tiny")]
+    layers[2] = Layer("tiny", 64, 32 * 64, _variant_options(64, 1, 1.0))
+    variants = {
+        "scaled": {"tensor": _variant_options(n, 1, 1.0), "channel": _variant_options(n, 8, 1.0)},
+        "plain": {"tensor": _variant_options(n, 1, 1.0), "channel": _variant_options(n, 8, 1.0)},
+        "tiny": {"tensor": _variant_options(64, 1, 1.0), "channel": _variant_options(64, 64, 1.0)},
+    }
+    # divergence alone per (layer, granularity, k): per-channel scales make "scaled" 20x worse per tensor
+    damage = {("scaled", "tensor"): 2.0, ("scaled", "channel"): 0.1, ("plain", "tensor"): 1.0, ("plain", "channel"): 1.5,
+              ("tiny", "tensor"): 1.0, ("tiny", "channel"): 0.0}
+    asked = []
+
+    def score(requests):
+        asked.extend(requests)
+        return [(0.99, damage[(name, g)] * 4.0 ** (4 - np.log2(k))) for name, g, k in requests]
+
+    ctx = SearchContext(layers, lambda tuples, subset: [], {"search": 0.99, "full": 0.99}, 1.0)
+    picked = choose_granularities(ctx, variants, score)
+    assert picked == {"scaled": "channel", "plain": "tensor", "tiny": "tensor"}
+    assert layers[0].options == variants["scaled"]["channel"] and layers[1].options == variants["plain"]["tensor"]
+    # one probe per granularity and layer, counted; "tiny" has no channel option smaller than unshared
+    assert {(name, g) for name, g, _ in asked} == {("scaled", "tensor"), ("scaled", "channel"), ("plain", "tensor"),
+                                                   ("plain", "channel"), ("tiny", "tensor")}
+    assert ctx.scorings == len(asked) == 5
+    # the kept probe is known to the layer stage (not scored again)
+    probe_k = next(k for name, g, k in asked if (name, g) == ("scaled", "channel"))
+    assert ctx.divergence({"scaled": probe_k}) == pytest.approx(damage[("scaled", "channel")] * 4.0 ** (4 - np.log2(probe_k)))
+
+
+def test_choose_granularities_falls_back_to_tensor_when_the_budget_is_spent():
+    from onnxws.layer_search import choose_granularities
+
+    n = 4096
+    layers = [Layer("w", n, 32 * n, _variant_options(n, 1, 1.0))]
+    variants = {"w": {"tensor": _variant_options(n, 1, 1.0), "channel": _variant_options(n, 8, 1.0)}}
+    ctx = SearchContext(layers, lambda tuples, subset: [], {"search": 0.99, "full": 0.99}, 1.0, max_scorings=1)
+    assert choose_granularities(ctx, variants, lambda requests: pytest.fail("must not score")) == {"w": "tensor"}
+    assert ctx.scorings == 0

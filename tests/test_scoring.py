@@ -436,3 +436,28 @@ def test_suffix_on_fixed_batch_padding(images):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     ref = plain_run(small_net(), {"input": images[:10]})[0]
     assert scorer.score([cand]) == [float(np.mean(expected.argmax(1) == ref.argmax(1)))]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_divergence_comes_from_the_same_run_and_is_cached(labelled, tmp_path, engine):
+    """The output divergence of a candidate is the relative squared error of its logits vs the
+    unmodified model's, 0 for the original weights, growing with the perturbation, and served
+    with the value from the cache."""
+    from onnxws.metrics import output_divergence
+
+    with ScoreCache(tmp_path / "scores.sqlite") as cache:
+        scorer = make_scorer(labelled, engine, cache=cache)
+        w = scorer.originals["conv.W"]
+        noise = np.random.default_rng(1).normal(0, 1, w.shape).astype(np.float32)
+        candidates = [{}, {"conv.W": w + np.float32(0.01) * noise}, {"conv.W": w + np.float32(0.1) * noise}]
+        pairs = scorer.score_with_divergence(candidates, "full")
+        assert [v for v, _ in pairs] == scorer.score(candidates, "full")
+        assert pairs[0] == (scorer.baseline_full, 0.0)
+        assert 0 < pairs[1][1] < pairs[2][1]
+        ref = scorer.reference_outputs("full")[0].astype(np.float64)
+        out = scorer.outputs(candidates[2], "full")[0].astype(np.float64)
+        assert pairs[2][1] == pytest.approx(np.sum((out - ref) ** 2) / np.sum(ref ** 2), rel=1e-9)
+        assert output_divergence([out], [ref]) == pytest.approx(pairs[2][1], rel=1e-12)
+        again = make_scorer(labelled, engine, cache=cache)
+        assert again.score_with_divergence(candidates, "full") == pairs
+        assert again.scorings_run == 0 and again.scorings_cached == 3

@@ -1,11 +1,12 @@
 """Benchmark the network-search strategies side by side on one model (default: the shipped LeNet-5).
 
-For each strategy (predictor, greedy, exhaustive) it runs the whole `onnxws.compress` pipeline
+For each strategy (predictor, greedy, exhaustive; ``predictor:additive`` / ``predictor:divergence``
+pin the predictor's loss model, plain ``predictor`` is the default ``auto``) it runs the whole `onnxws.compress` pipeline
 with the same data, budget and seed, no score cache, ORT pinned to the same threads, and prints
 the verified CR at the budget, the loss re-measured on the emitted file, the number of scorings
 (all stages) and the wall time. Usage:
 
-    python tools/bench_exploration.py [--model models/lenet5/model.onnx] [--loss 1] [--strategies predictor,greedy,exhaustive]
+    python tools/bench_exploration.py [--model models/lenet5/model.onnx] [--loss 1] [--strategies predictor,predictor:additive,greedy,exhaustive]
 """
 
 from __future__ import annotations
@@ -25,19 +26,20 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--loss", type=float, default=1.0)
     parser.add_argument("--search-samples", type=int, default=2000)
-    parser.add_argument("--strategies", default="predictor,greedy,exhaustive")
+    parser.add_argument("--strategies", default="predictor,predictor:additive,predictor:divergence,greedy,exhaustive")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     rows = []
-    for strategy in args.strategies.split(","):
+    for variant in args.strategies.split(","):
+        strategy, _, predictor = variant.partition(":")
         start = time.perf_counter()
         result = onnxws.compress(args.model, args.data, loss=args.loss, strategy=strategy, seed=args.seed,
-                                 search_samples=args.search_samples, cache=False)
+                                 search_samples=args.search_samples, cache=False, predictor=predictor or "auto")
         seconds = time.perf_counter() - start
         rep = result.report
         rows.append({
-            "strategy": strategy, "ratio": rep["compression"]["ratio_theoretical"], "loss": rep["final"]["loss"],
+            "strategy": variant, "ratio": rep["compression"]["ratio_theoretical"], "loss": rep["final"]["loss"],
             "loss_search": rep["final"]["loss_search"], "scorings": rep["exploration"]["scorings"],
             "by_stage": rep["exploration"]["scorings_by_stage"], "seconds": seconds,
             "k": rep["final"]["k"], "uniform_ratio": (rep["uniform_baseline"] or {}).get("ratio_theoretical"),
