@@ -174,13 +174,13 @@ def loo_error(model: _AdditiveLoss, tuples: list[Tuple_]) -> float | None:
 
 class _BestOfLoss:
     """``auto``: both models fitted every round; the one with the smaller leave-one-out error
-    on the scored tuples predicts (the divergence model until there are tuples to compare).
+    on the scored tuples predicts (the paper's until there are tuples to compare; a tie keeps it).
     Deep networks scored by top-1 on a few hundred samples favour the divergence model (a
     layer alone loses 0 or 1 sample); shallow ones with many samples can favour the paper's."""
 
     def __init__(self, ctx: SearchContext, ridge: float) -> None:
         self.ctx = ctx
-        self.models = [_DivergenceLoss(ctx, ridge), _AdditiveLoss(ctx, ridge)]
+        self.models = [_AdditiveLoss(ctx, ridge), _DivergenceLoss(ctx, ridge)]
         self.active = self.models[0]
         self.errors: dict[str, float | None] = {}
 

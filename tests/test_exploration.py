@@ -355,3 +355,18 @@ def test_choose_granularities_falls_back_to_tensor_when_the_budget_is_spent():
     ctx = SearchContext(layers, lambda tuples, subset: [], {"search": 0.99, "full": 0.99}, 1.0, max_scorings=1)
     assert choose_granularities(ctx, variants, lambda requests: pytest.fail("must not score")) == {"w": "tensor"}
     assert ctx.scorings == 0
+
+
+def test_auto_predictor_picks_the_model_with_the_smaller_leave_one_out_error():
+    layers, div, evaluate, loss_of = quantised_top1_network()
+    ctx = SearchContext(layers, evaluate, {"search": 0.9, "full": 0.9}, 1.0, "absolute")
+    layer_sensitivity(ctx)
+    outcome = predictor_search(ctx, model="auto")
+    errors = outcome.predictor["loo_mae_by_model"]
+    assert errors["divergence"] < errors["additive"]
+    assert outcome.predictor["model"] == "divergence"
+    # an evaluator without divergences leaves only the paper's model
+    layers, truth = make_layers([150, 2400, 48000, 10080, 840], [0.3, 0.2, 0.05, 0.1, 0.4])
+    ctx = context(layers, truth)
+    layer_sensitivity(ctx)
+    assert predictor_search(ctx, model="auto").predictor["model"] == "additive"
