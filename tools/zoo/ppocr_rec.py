@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import importlib.util
 import io
 import math
 import shutil
@@ -42,13 +41,7 @@ PIL_FONT = "PIL bundled Aileron Regular"
 
 
 def model_path() -> Path:
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or spec.origin is None:
-        raise SystemExit(f"RapidOCR is missing: pip install --no-deps {PACKAGE}")
-    path = Path(spec.origin).parent / "models" / MODEL
-    if not path.exists():
-        raise SystemExit(f"{path} not found: this rapidocr-onnxruntime does not ship {MODEL}; install {PACKAGE}")
-    return path
+    return common.packaged_file("rapidocr_onnxruntime", "models", MODEL, what="RapidOCR is", package=PACKAGE)
 
 
 def vocabulary() -> list[str]:
