@@ -190,7 +190,7 @@ def compress(
     scorer = Scorer(proto, [w.name for w in discovery.weights], eval_data, metric, device=config.device,
                     search_samples=config.search_samples, batch_size=config.batch_size, cache=score_cache)
     try:
-        def evaluate(tuples: list[dict[str, int]], subset: str) -> list[float]:
+        def evaluate(tuples: list[dict[str, int]], subset: str) -> list[tuple[float, float]]:
             candidates = [{name: shares[name][k].decode() for name, k in tup.items()} for tup in tuples]
             return scorer.score_with_divergence(candidates, subset)
 

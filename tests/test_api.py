@@ -46,3 +46,32 @@ def test_save_and_reproduce_from_saved_config(lenet_dir, tmp_path):
                               "--no-cache", "--quiet"])
     assert out.exit_code == 0, out.output
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_granularity_auto_picks_channel_codebooks_for_per_channel_scales(tmp_path):
+    """Rows of the first weight scaled over three decades (as batch norm folded into a layer
+    leaves them), the next layer compensating: one codebook per tensor spends its values on the
+    wide rows, so 'auto' must keep per-channel codebooks there, and the emitted model holds."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    scales = np.geomspace(1e-2, 10.0, 128).astype(np.float32)
+    w1 = (rng.normal(0, 0.3, (128, 32)) * scales[:, None]).astype(np.float32)
+    w2 = (rng.normal(0, 0.3, (10, 128)) / scales[None, :]).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2"], ["logits"], transB=1)],
+        "scaled_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(0, 1, (600, 32)).astype(np.float32)
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].argmax(1)
+    result = onnxws.compress(model, {"x": x, "y": y}, loss=1.0, granularity="auto", cache=False)
+    layers = {layer["name"]: layer for layer in result.report["layers"]}
+    assert layers["w1"]["granularity"] == "channel" and layers["w1"]["n_codebooks"] == 128
+    assert result.report["final"]["loss"] <= 1.0
+    folder = result.save(tmp_path / "m.onnx")
+    assert 'granularity = "auto"' in (folder / "config.toml").read_text()
