@@ -112,8 +112,8 @@ def failures(out: Path) -> dict[str, str]:
 
 def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dict[str, object]) -> str:
     """The Markdown results table for ``models`` from their reports under ``out``."""
-    head = ("| model | params | metric | baseline | final | loss | CR per-layer | CR best uniform k | per-layer / uniform "
-            "| file ratio | scorings run / cached | seconds per stage |")
+    head = ("| model | params | metric (search / full samples) | baseline | final | loss | CR per-layer | CR best uniform k "
+            "| per-layer / uniform | CR whole model | file ratio | scorings run / cached | seconds per stage |")
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
     errors = failures(out)
     for name, meta in models:
@@ -121,7 +121,7 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
         params = f"{meta.get('params', 0):,}"
         if not report_path.exists():
             why = errors.get(name, "not run (no report)").replace("|", "/").replace("\n", " ")
-            rows.append(f"| {name} | {params} | | failed: {why[:160]} | | | | | | | | |")
+            rows.append(f"| {name} | {params} | | failed: {why[:160]} | | | | | | | | | |")
             continue
         r = json.loads(report_path.read_text())
         comp, expl, final = r.get("compression", {}), r.get("exploration", {}), r.get("final", {})
@@ -132,6 +132,8 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
         uniform_text = _ratio(uniform) if uniform else "none within budget" if tried_uniform else "not reached"
         metric = r.get("metric")
         metric = metric.get("name") if isinstance(metric, dict) else metric
+        data = r.get("data") or {}
+        metric = f"{metric or '-'} ({data.get('n_search', '?')} / {data.get('n_full', '?')})"
         unit = final.get("loss_unit", "pp")
         loss = f"{final['loss']:.2f} {unit}" if isinstance(final.get("loss"), (int, float)) else "-"
         seconds = expl.get("seconds", {})
@@ -139,9 +141,9 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
         stages = f"{stages}; **total {seconds.get('total', 0):.1f}**" if seconds else "-"
         if expl.get("stopped_by") not in (None, "converged"):
             stages += f" (stopped by {expl['stopped_by']})"
-        rows.append(f"| {name} | {params} | {metric or '-'} | {_pct(r.get('baseline', {}).get('value'))} | "
+        rows.append(f"| {name} | {params} | {metric} | {_pct(r.get('baseline', {}).get('value'))} | "
                     f"{_pct(final.get('value'))} | {loss} | {_ratio(per_layer)} | {uniform_text} | {gain} | "
-                    f"{_ratio(comp.get('ratio_file'))} | {expl.get('scorings_run', '-')} / {expl.get('scorings_cached', '-')} | "
+                    f"{_ratio(comp.get('ratio_whole_theoretical'))} | {_ratio(comp.get('ratio_file'))} | {expl.get('scorings_run', '-')} / {expl.get('scorings_cached', '-')} | "
                     f"{stages} |")
     when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     machine = (f"{platform.node() or 'unknown host'}: {platform.platform()}, {platform.processor() or platform.machine()}, "
@@ -151,6 +153,7 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
     return (f"# onnxws on the model zoo\n\nMeasured {when} on {machine}.\n\nCommand: `{command}` "
             f"(manifest [defaults]: {options})\n\n"
             "CR = compression ratio of the shared weight tensors (theoretical: indices + codebooks vs fp32); "
+            "CR whole model counts the unshared tensors at full size; "
             "file ratio = .onnx bytes before / after; scorings cached = answered by the score cache of an earlier run. Loss in percentage points (pp) of the metric; "
             "top1_agreement = top-1 agreement with the uncompressed model (data without labels).\n\n"
             + "\n".join(rows) + "\n")
