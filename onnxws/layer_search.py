@@ -6,7 +6,9 @@ dominates its width. The stage walks each layer's widths from a probe width down
 loss passes a cap (lower widths only lose more) and up until it is negligible; the widths
 above that are estimated by the score-free proxy (loss proportional to the clustering
 error, calibrated on the layer's last measured point), never scored. Layers advance in
-rounds, one tuple each, so a round is one batch for the scorer.
+rounds, one tuple each, scored in chunks of ``ROUND_CHUNK`` with the budgets checked between
+chunks; after the first round (every layer's probe) the stage stops at ``budget_share`` of
+a time or scoring budget, so the network stage can still combine what was measured.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from onnxws.exploration import BudgetExhausted, Layer, Option, SearchContext
 
 logger = logging.getLogger(__name__)
 
+ROUND_CHUNK = 8
+"""Layers scored between two budget checks (a round of a 100-layer model is not one block)."""
+
 
 @dataclass(frozen=True)
 class LayerSearchSettings:
@@ -31,11 +36,15 @@ class LayerSearchSettings:
         cap: a width whose loss alone exceeds ``cap * B`` ends the walk down; it is kept
             out of the candidates (no tuple containing it can meet the budget).
         negligible: a loss at or below ``negligible * B`` ends the walk up.
+        budget_share: share of ``--time-budget`` / ``--max-scorings`` the stage may use, so
+            that a budget too small for the whole walk still leaves the network stage room
+            to combine what was measured (the walk stops between rounds).
     """
 
     probe_bits: int = 4
     cap: float = 1.5
     negligible: float = 0.05
+    budget_share: float = 0.6
 
 
 @dataclass
@@ -169,23 +178,13 @@ def layer_sensitivity(ctx: SearchContext, settings: LayerSearchSettings = LayerS
                 option = walk.layer.options[walk.order[pos]]
                 requests.append((walk, pos, {walk.layer.name: option.k}))
             ctx.progress("layer", sum(len(w.layer.loss_alone) for w in walks), 0, f"round {round_index}")
-            losses = ctx.losses([tup for _, _, tup in requests], "search", stage="layer")
-            for (walk, pos, tup), loss in zip(requests, losses):
-                k = tup[walk.layer.name]
-                walk.layer.loss_alone[k] = loss
-                walk.layer.loss_source[k] = "measured"
-                divergence = ctx.divergence(tup)
-                if divergence is not None:
-                    walk.layer.divergence_alone[k] = divergence
-                if walk.down is not None:  # walking down from the probe
-                    if pos == walk.probe:
-                        walk.up = pos + 1 if (loss > negligible and pos + 1 < len(walk.order)) else None
-                    if loss > cap or pos == 0:
-                        walk.down = None
-                    else:
-                        walk.down = pos - 1
-                else:  # walking up
-                    walk.up = pos + 1 if (loss > negligible and pos + 1 < len(walk.order)) else None
+            for start in range(0, len(requests), ROUND_CHUNK):  # budgets are checked between chunks
+                chunk = requests[start:start + ROUND_CHUNK]
+                if round_index > 1:
+                    _check_share(ctx, settings.budget_share, len(chunk))
+                losses = ctx.losses([tup for _, _, tup in chunk], "search", stage="layer")
+                for (walk, pos, tup), loss in zip(chunk, losses):
+                    _advance(walk, pos, tup, loss, ctx.divergence(tup), cap, negligible)
             active = [w for w in active if w.next_index() is not None]
     except BudgetExhausted:
         logger.info("layer stage stopped by %s", ctx.stopped_by)
@@ -195,6 +194,33 @@ def layer_sensitivity(ctx: SearchContext, settings: LayerSearchSettings = LayerS
         walk.layer.candidates = pareto_candidates(walk.layer, cap)
     return {"spearman": proxy_rank_correlation(ctx.layers), "estimated_points": estimated,
             "rounds": round_index}
+
+
+def _advance(walk: _Walk, pos: int, tup: dict[str, int], loss: float, divergence: float | None,
+             cap: float, negligible: float) -> None:
+    """Record a layer-alone measurement and move the layer's walk to its next width (or end it)."""
+    layer = walk.layer
+    k = tup[layer.name]
+    layer.loss_alone[k] = loss
+    layer.loss_source[k] = "measured"
+    if divergence is not None:
+        layer.divergence_alone[k] = divergence
+    if walk.down is not None:  # walking down from the probe
+        if pos == walk.probe:
+            walk.up = pos + 1 if (loss > negligible and pos + 1 < len(walk.order)) else None
+        walk.down = None if (loss > cap or pos == 0) else pos - 1
+    else:  # walking up
+        walk.up = pos + 1 if (loss > negligible and pos + 1 < len(walk.order)) else None
+
+
+def _check_share(ctx: SearchContext, share: float, wanted: int) -> None:
+    """Raise BudgetExhausted (recording which budget) when the stage has used its share."""
+    if ctx.time_budget is not None and ctx.elapsed() >= share * ctx.time_budget:
+        ctx.stopped_by = "time_budget"
+        raise BudgetExhausted
+    if ctx.max_scorings is not None and ctx.scorings + wanted > share * ctx.max_scorings:
+        ctx.stopped_by = "max_scorings"
+        raise BudgetExhausted
 
 
 def _estimate_unscored(walk: _Walk) -> int:

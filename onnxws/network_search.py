@@ -259,6 +259,9 @@ def predictor_search(
             tup = tuple_of(pick)
             if tup and all(SearchContext.key(tup) != SearchContext.key(t) for t in randoms):
                 randoms.append(tup)
+        left = ctx.remaining_scorings()
+        if left is not None:  # keep scorings for the refinement too
+            randoms = randoms[:max(left - 2 * per_round, min(left, 2))]
         ctx.progress("fit", 0, len(randoms), "scoring random tuples for the predictor")
         if randoms:
             ctx.losses(randoms, "search", stage="fit")

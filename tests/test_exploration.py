@@ -186,6 +186,7 @@ def test_max_scorings_stops_every_stage_and_says_so():
     predictor_search(ctx)
     assert ctx.scorings <= 12
     assert ctx.stopped_by == "max_scorings"
+    ctx.max_scorings = ctx.scorings  # a spent budget refuses the next scoring
     with pytest.raises(BudgetExhausted):
         ctx.check_budget()
 
@@ -370,3 +371,14 @@ def test_auto_predictor_picks_the_model_with_the_smaller_leave_one_out_error():
     ctx = context(layers, truth)
     layer_sensitivity(ctx)
     assert predictor_search(ctx, model="auto").predictor["model"] == "additive"
+
+
+def test_layer_stage_leaves_the_network_stage_its_share_of_the_budget():
+    layers, truth = make_layers([150, 2400, 4800, 900], [0.3, 0.2, 0.05, 0.1])
+    ctx = context(layers, truth, max_scorings=20)
+    layer_sensitivity(ctx, LayerSearchSettings(budget_share=0.6))
+    assert 4 <= ctx.scorings <= 12 and ctx.stopped_by == "max_scorings"
+    assert all(layer.candidates for layer in layers)  # every layer probed at least once
+    outcome = predictor_search(ctx)
+    assert ctx.scorings_by_stage.get("fit", 0) + ctx.scorings_by_stage.get("network", 0) > 0
+    assert outcome.feasible and ctx.scorings <= 20
