@@ -1,21 +1,49 @@
-"""Load stage: read an ONNX file (external data included) with clear errors, write one atomically."""
+"""Load stage: read an ONNX file (external data included) with clear errors, write one atomically.
+
+Models over 2 GB: protobuf cannot serialise a message over 2 GiB, and with the upb backend even
+``ModelProto.ByteSize()`` raises ``EncodeError`` on one (measured with protobuf 7.36: it encodes
+the whole message to find its size, so it also costs a full copy's time and memory below the
+limit). Such a model is therefore never serialised in one piece here: ``fits_in_one_message``
+estimates the size from the tensors' shapes, and the checker, the hash and the writer work on a
+*light copy* whose large tensor payloads are replaced by external-data references, reading the
+payloads one tensor at a time.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
+from onnx import TensorProto
 
 from onnxws.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 # Protobuf cannot serialise one message over 2 GiB: above this, weights go to an external data file.
+# The 64 MiB margin is for everything that is not a tensor payload (nodes, names, shapes).
 _PROTO_LIMIT = 2**31 - 1 - 64 * 2**20
+# Tensors with at least this many payload bytes are moved out of light copies (and saved as external data).
+_SWAP_MIN_BYTES = 1024
+# External data: payloads of at least _ALIGN_MIN_BYTES start at multiples of _ALIGN (ORT can memory-map them).
+_ALIGN = 1 << 16
+_ALIGN_MIN_BYTES = 1 << 20
+_PLACEHOLDER = "onnxws-placeholder"  # location of payload-free tensors in light copies (an empty file, or none)
+_PAYLOAD_FIELDS = frozenset({"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+                             "uint64_data", "external_data", "data_location"})
+# Message types that can hold tensors (directly or nested); others are copied whole.
+_TENSOR_HOLDERS = frozenset({"ModelProto", "GraphProto", "NodeProto", "AttributeProto", "FunctionProto",
+                             "TrainingInfoProto", "SparseTensorProto", "TensorProto"})
+_SUB_BYTE_BITS = {getattr(TensorProto, name): bits for name, bits in
+                  (("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2)) if hasattr(TensorProto, name)}
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -47,28 +75,178 @@ def load_model(path: str | Path) -> onnx.ModelProto:
 
 
 def check_model(model: onnx.ModelProto, origin: str | Path = "model") -> None:
-    """Run the ONNX checker; raise InputError with its first line if the model is invalid."""
+    """Run the ONNX checker; raise InputError with its first line if the model is invalid.
+
+    A model too large for one protobuf message is checked as a light copy whose large tensors
+    point to an empty external file: the checker sees every node, attribute, type and tensor
+    header, not the payload bytes.
+    """
     try:
-        if model.ByteSize() < _PROTO_LIMIT:
-            onnx.checker.check_model(model)
-        else:  # the in-memory checker refuses > 2 GB protos; shape checks of the nodes still run per graph
-            onnx.checker.check_graph(model.graph, _checker_context(model))
+        if fits_in_one_message(model):
+            try:
+                onnx.checker.check_model(model)
+                return
+            except EncodeError:  # the estimate missed (a huge graph, not huge tensors): check it light
+                pass
+        _check_light(model)
     except onnx.checker.ValidationError as exc:
         raise InputError(f"{origin} fails the ONNX checker: {_one_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - the checker raises assorted C++ errors on garbage
         raise InputError(f"{origin} fails the ONNX checker: {type(exc).__name__}: {_one_line(exc)}") from exc
 
 
-def _checker_context(model: onnx.ModelProto) -> onnx.checker.C.CheckerContext:
-    ctx = onnx.checker.C.CheckerContext()
-    ctx.ir_version = model.ir_version
-    ctx.opset_imports = {op.domain: op.version for op in model.opset_import}
-    return ctx
+def _check_light(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` by path on a light copy; its placeholders name an empty file beside it."""
+    light, swapped = _light_copy(model, lambda tensor, field: tensor.data_location == TensorProto.EXTERNAL
+                                 or payload_bytes(tensor) >= _SWAP_MIN_BYTES)
+    for source, target in swapped:
+        _set_external(target, _PLACEHOLDER, 0, payload_bytes(source))
+    with tempfile.TemporaryDirectory(prefix="onnxws-check-") as folder:
+        (Path(folder) / _PLACEHOLDER).touch()
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(light.SerializeToString())
+        onnx.checker.check_model(str(path))
 
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:300] + ("..." if len(text) > 300 else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes and light copies (no payload is copied or serialised)
+
+
+def payload_bytes(tensor: TensorProto) -> int:
+    """Bytes of a tensor's data, from its shape and type (the payload is not read).
+
+    External tensors count their recorded length; sub-byte types (UINT4, INT2, ...) their
+    packed size; strings their total length.
+    """
+    if tensor.data_location == TensorProto.EXTERNAL:
+        for entry in tensor.external_data:
+            if entry.key == "length":
+                return int(entry.value)
+        return 0
+    if tensor.data_type == TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    n = math.prod(tensor.dims)
+    if tensor.data_type in _SUB_BYTE_BITS:
+        return -(-n * _SUB_BYTE_BITS[tensor.data_type] // 8)
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):  # an unknown type: measure what is there
+        return len(tensor.raw_data) if tensor.HasField("raw_data") else 0
+    return n * itemsize
+
+
+def _tensors(message) -> Iterator[TensorProto]:
+    """Every TensorProto held anywhere in ``message`` (initializers, attributes, subgraphs, functions)."""
+    for field, value in message.ListFields():
+        kind = field.message_type.name if field.message_type is not None else None
+        if kind not in _TENSOR_HOLDERS:
+            continue
+        for item in (value if _is_repeated(field) else [value]):
+            if kind == "TensorProto":
+                yield item
+            else:
+                yield from _tensors(item)
+
+
+def fits_in_one_message(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` can be serialised as one protobuf message (tensor payloads under _PROTO_LIMIT).
+
+    Estimated from the tensors' shapes, without serialising: ``ModelProto.ByteSize()`` raises on
+    models over 2 GiB (upb backend) and costs a full encode below it.
+    """
+    total = 0
+    for tensor in _tensors(model):
+        total += payload_bytes(tensor) if tensor.data_location != TensorProto.EXTERNAL else 0
+        if total >= _PROTO_LIMIT:
+            return False
+    return True
+
+
+def _is_repeated(field) -> bool:
+    flag = getattr(field, "is_repeated", None)  # protobuf >= 5; FieldDescriptor.label is gone in 7
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
+
+
+def _light_copy(model: onnx.ModelProto, swap: Callable[[TensorProto, str], bool]
+                ) -> tuple[onnx.ModelProto, list[tuple[TensorProto, TensorProto]]]:
+    """A copy of ``model`` in which the tensors chosen by ``swap(tensor, field_name)`` have no payload.
+
+    Those tensors keep their name, type, shape, doc string and metadata; the caller points them
+    somewhere with ``_set_external``. No payload is copied, so the copy is small and quick.
+
+    Returns:
+        (light model, [(original tensor, its payload-free copy), ...] in model order).
+    """
+    light = onnx.ModelProto()
+    swapped: list[tuple[TensorProto, TensorProto]] = []
+    _copy_light(model, light, swap, swapped)
+    return light, swapped
+
+
+def _copy_light(source, target, swap, swapped) -> None:
+    for field, value in source.ListFields():
+        kind = field.message_type.name if field.message_type is not None else None
+        repeated = _is_repeated(field)
+        if kind not in _TENSOR_HOLDERS:
+            if repeated:
+                getattr(target, field.name).extend(value)
+            elif kind is None:
+                setattr(target, field.name, value)
+            else:
+                getattr(target, field.name).CopyFrom(value)
+            continue
+        pairs = ([(item, getattr(target, field.name).add()) for item in value] if repeated
+                 else [(value, getattr(target, field.name))])
+        for src, dst in pairs:
+            dst.SetInParent()
+            if kind != "TensorProto":
+                _copy_light(src, dst, swap, swapped)
+            elif swap(src, field.name):
+                _copy_tensor_header(src, dst)
+                swapped.append((src, dst))
+            else:
+                dst.CopyFrom(src)
+
+
+def _copy_tensor_header(source: TensorProto, target: TensorProto) -> None:
+    """Every field of ``source`` but its data (the payload is never read)."""
+    for field in source.DESCRIPTOR.fields:
+        if field.name in _PAYLOAD_FIELDS:
+            continue
+        if _is_repeated(field):
+            values = getattr(source, field.name)
+            if len(values):
+                getattr(target, field.name).extend(values)
+        elif source.HasField(field.name):
+            if field.message_type is not None:
+                getattr(target, field.name).CopyFrom(getattr(source, field.name))
+            else:
+                setattr(target, field.name, getattr(source, field.name))
+
+
+def _set_external(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _swap_raw(min_bytes: int, fields: frozenset[str] | None = None) -> Callable[[TensorProto, str], bool]:
+    """Swap predicate: in-memory ``raw_data`` tensors of at least ``min_bytes`` (in ``fields`` if given)."""
+    def swap(tensor: TensorProto, field: str) -> bool:
+        return ((fields is None or field in fields) and tensor.data_location != TensorProto.EXTERNAL
+                and tensor.HasField("raw_data") and payload_bytes(tensor) >= min_bytes)
+    return swap
+
+
+# --------------------------------------------------------------------------------------------
+# Hashes
 
 
 def file_sha256(path: str | Path) -> str:
@@ -81,18 +259,42 @@ def file_sha256(path: str | Path) -> str:
 
 
 def model_sha256(model: onnx.ModelProto) -> str:
-    """SHA-256 of the model's deterministic serialisation."""
-    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    """SHA-256 of the model's deterministic serialisation.
+
+    A model over the protobuf limit has no single serialisation: its hash is that of a light
+    copy (large ``raw_data`` tensors replaced by references ``location=onnxws-placeholder,
+    offset=0, length=<bytes>``) followed by those tensors' raw bytes in model order, one
+    tensor in memory at a time.
+    """
+    if fits_in_one_message(model):
+        try:
+            return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+        except EncodeError:
+            pass
+    light, swapped = _light_copy(model, _swap_raw(_SWAP_MIN_BYTES))
+    for source, target in swapped:
+        _set_external(target, _PLACEHOLDER, 0, payload_bytes(source))
+    digest = hashlib.sha256(light.SerializeToString(deterministic=True))
+    for source, _ in swapped:
+        digest.update(source.raw_data)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | Path, *, force: bool = False) -> int:
     """Write ``model`` to ``path`` atomically (temp file in the same folder, then rename).
 
-    Models over the protobuf limit get their large tensors in ``<name>.data`` beside the
-    file, also written atomically. Returns the bytes written (model + external data).
+    Models over the protobuf limit get their initializers of >= 1 KiB in ``<name>.data``
+    beside the file (payloads of >= 1 MiB at 64 KiB-aligned offsets), also written atomically,
+    streamed one tensor at a time; ``model`` is not modified. Returns the bytes written (model
+    + external data).
 
     Raises:
-        InputError: the output exists and ``force`` is False, or the folder is not writable.
+        InputError: the output exists and ``force`` is False, the folder is not writable, or
+            the model is over the limit even with its initializers external.
     """
     path = Path(path)
     if path.exists() and not force:
@@ -102,27 +304,19 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, *, force: bool =
         raise InputError(f"output folder does not exist: {folder}")
     if not os.access(folder, os.W_OK):
         raise InputError(f"output folder is not writable: {folder}")
-    external = model.ByteSize() >= _PROTO_LIMIT
+    payload = None
+    if fits_in_one_message(model):
+        try:
+            payload = model.SerializeToString(deterministic=True)
+        except EncodeError:  # the estimate missed: write the weights externally
+            payload = None
+    external = payload is None
     data_name = path.name + ".data"
     tmp_model = folder / f".{path.name}.{os.getpid()}.tmp"
     tmp_data = folder / f".{data_name}.{os.getpid()}.tmp"
     try:
         if external:
-            # convert_model_to_external_data mutates; write a copy so the caller's model stays whole.
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.external_data_helper.convert_model_to_external_data(
-                copy, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
-            )
-            onnx.external_data_helper.write_external_data_tensors(copy, str(folder))
-            # The data file name recorded in the model must be the final one.
-            for tensor in onnx.external_data_helper._get_all_tensors(copy):  # noqa: SLF001
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            payload = copy.SerializeToString(deterministic=True)
-        else:
-            payload = model.SerializeToString(deterministic=True)
+            payload = _write_external(model, tmp_data, data_name, path)
         with open(tmp_model, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -140,3 +334,27 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, *, force: bool =
     if external:
         size += (folder / data_name).stat().st_size
     return size
+
+
+def _write_external(model: onnx.ModelProto, data_path: Path, data_name: str, path: Path) -> bytes:
+    """Stream the large initializers of ``model`` into ``data_path``; return the light model's bytes
+    (its tensors reference ``data_name``, the data file's final name)."""
+    light, swapped = _light_copy(model, _swap_raw(_SWAP_MIN_BYTES, frozenset({"initializer"})))
+    with open(data_path, "wb") as handle:
+        for source, target in swapped:
+            data = source.raw_data  # one tensor's bytes at a time
+            offset = handle.tell()
+            if len(data) >= _ALIGN_MIN_BYTES and offset % _ALIGN:
+                handle.write(b"\0" * (_ALIGN - offset % _ALIGN))
+                offset = handle.tell()
+            handle.write(data)
+            _set_external(target, data_name, offset, len(data))
+            del data
+        handle.flush()
+        os.fsync(handle.fileno())
+    logger.info("%s: %d initializers (%d bytes) written to %s", path, len(swapped), data_path.stat().st_size, data_name)
+    try:
+        return light.SerializeToString(deterministic=True)
+    except EncodeError as exc:
+        raise InputError(f"{path}: the model is over protobuf's 2 GB limit even with its initializers in {data_name} "
+                         "(large Constant nodes or a huge graph); move large constants into initializers") from exc
