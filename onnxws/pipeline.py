@@ -31,26 +31,17 @@ from onnxws.errors import BudgetError, InputError, NothingToShareError, Verifica
 from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_unit, within_budget
 from onnxws.layer_search import choose_granularities, layer_sensitivity
 from onnxws.loading import check_model, load_model, model_sha256
-from onnxws.metrics import resolve_metric
-from onnxws.network_search import (
-    exhaustive_continue,
-    exhaustive_search,
-    greedy_search,
-    predictor_search,
-    uniform_baseline,
-    verify_full,
-)
+from onnxws.metrics import TOP1_ACCURACY, TOP1_AGREEMENT, resolve_metric
+from onnxws.network_search import uniform_baseline
 from onnxws.scoring import Scorer, evaluate_model
 from onnxws.sharing import Granularity, SharedWeight, index_bits
+from onnxws.verification import EDGE_MIN_PROBABILITY, SubsetNoise, Verification, search_and_verify
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int, str], None]
 # The emitted model's full-set metric must match the scorer's figure for the same tuple within this (pp).
 TRUST_TOLERANCE_PP = 0.1
-# Full-set misses after which the search stops aiming lower and steps back instead.
-MAX_ROUNDS = 4
-STEP_BACK_TRIES = 4
 
 
 @dataclass
@@ -222,11 +213,15 @@ def compress(
             uniform_full = ctx.losses([uniform_tuple], "full", stage="uniform", force=True)[0]
         timings["uniform"] = time.perf_counter() - t0
 
-        # 6. Network stage + full-set verification with step-back ----------------------------
+        # 6. Network stage + full-set verification (step back on a miss, push on slack) ------
         t0 = time.perf_counter()
-        outcome, chosen, verify_log = _search_and_verify(ctx, config, uniform_tuple, uniform_full)
-        timings["network"] = time.perf_counter() - t0 - sum(t for _, _, _, t in verify_log)
-        timings["verify"] = sum(t for _, _, _, t in verify_log)
+        verification = search_and_verify(
+            ctx, strategy=config.strategy, predictor=config.predictor, seed=config.seed,
+            noise=_subset_noise(scorer, metric.name, config.loss_mode), edge_tries=config.edge_tries,
+            uniform=(uniform_tuple, uniform_full))
+        outcome, chosen = verification.outcome, verification.chosen
+        timings["network"] = time.perf_counter() - t0 - verification.seconds
+        timings["verify"] = verification.seconds
         if chosen is None:
             smallest = min((e.loss_measured for e in ctx.explored if e.subset == "full"), default=None)
             if smallest is None:
@@ -264,7 +259,7 @@ def compress(
             scorer=scorer, ctx=ctx, config=config, discovery=discovery, shares=shares, chosen=chosen,
             encoded=encoded, emitted_value=emitted_value, scorer_value=scorer_value, final_loss=final_loss,
             bytes_before=bytes_before, timings=timings, outcome=outcome, uniform=(uniform_tuple, uniform_full, uniform_tried),
-            proxy_stats=proxy_stats, verify_log=verify_log,
+            proxy_stats=proxy_stats, verification=verification,
         )
     finally:
         scorer.close()
@@ -314,72 +309,15 @@ def _open_cache(cache: str | Path | bool | None) -> ScoreCache | None:
     return ScoreCache(Path(cache))
 
 
-def _search_and_verify(ctx: SearchContext, config: CompressConfig, uniform_tuple, uniform_full):
-    """Run the strategy, verify its best tuple on the full set; on a miss, aim lower and search again.
-
-    The search subset is optimistic for the tuples a search picks at the budget's edge (they
-    are selected *because* they look good there), so a full-set miss tightens the search target
-    by the gap just observed and the strategy continues from everything already scored. After
-    ``MAX_ROUNDS`` misses the remaining subset-feasible tuples are verified best first (step-back).
-    """
-    verify_log: list[tuple[dict, float | None, float, float]] = []
-    outcome = None
-    chosen = None
-    rejected: set = set()
-
-    def verify(tuples: list[dict]) -> dict | None:
-        ctx.progress("verify", len(verify_log), 0, f"full set: {ctx.ratio(tuples[0]):.1f}x")
-        t0 = time.perf_counter()
-        found, tried = verify_full(ctx, tuples, max_tries=len(tuples))
-        elapsed = time.perf_counter() - t0
-        for i, (tup, search_loss, full_loss) in enumerate(tried):
-            verify_log.append((tup, search_loss, full_loss, elapsed if i == 0 else 0.0))
-            if not within_budget(full_loss, ctx.budget):
-                rejected.add(SearchContext.key(tup))
-                if search_loss is not None:  # aim lower by the optimism just observed
-                    ctx.target = min(ctx.target, ctx.budget - max(full_loss - search_loss, 0.0))
-        return found
-
-    def untried(tuples: list[dict]) -> list[dict]:
-        return [t for t in tuples if SearchContext.key(t) not in rejected and ctx.known(t, "full") is None]
-
-    ctx.progress("network", 0, 0, f"strategy {config.strategy}")
-    for attempt in range(MAX_ROUNDS):
-        if config.strategy == "exhaustive":
-            if attempt == 0:
-                outcome = exhaustive_search(ctx)
-                top = untried(outcome.feasible)[:1]
-            else:
-                nxt = exhaustive_continue(ctx, rejected)
-                top = [nxt] if nxt else []
-        elif config.strategy == "greedy":
-            if attempt > 0:
-                break  # greedy restarts from scratch: step back instead
-            outcome = greedy_search(ctx)
-            top = untried(outcome.feasible)[:1]
-        else:
-            outcome = predictor_search(ctx, seed=config.seed, model=config.predictor)
-            top = untried(outcome.feasible)[:1]
-        if not top:
-            break
-        chosen = verify(top)
-        if chosen is not None or ctx.target <= 0 or not ctx.can_score():
-            break
-    if chosen is None:  # step back along the subset-feasible tuples, best first
-        saved, ctx.target = ctx.target, ctx.budget
-        ranked = untried(sorted(
-            {SearchContext.key(e.k): e.k for e in ctx.explored
-             if e.k and e.subset == "search" and within_budget(e.loss_measured, ctx.budget)}.values(),
-            key=lambda t: -ctx.ratio(t)))
-        ctx.target = saved
-        for tup in ranked[:STEP_BACK_TRIES]:
-            chosen = verify([tup])
-            if chosen is not None:
-                break
-    if uniform_tuple is not None and uniform_full is not None and within_budget(uniform_full, ctx.budget):
-        if chosen is None or ctx.ratio(uniform_tuple) > ctx.ratio(chosen):
-            chosen = uniform_tuple
-    return outcome, chosen, verify_log
+def _subset_noise(scorer: Scorer, metric_name: str, loss_mode: str) -> SubsetNoise | None:
+    """The search subset's sampling error (verification.SubsetNoise); None when it cannot be stated."""
+    if loss_mode == "absolute":
+        unit = 100.0
+    elif scorer.baseline_full != 0:
+        unit = 100.0 / abs(scorer.baseline_full)
+    else:
+        return None
+    return SubsetNoise(scorer.n_search, scorer.n_full, metric_name in (TOP1_ACCURACY, TOP1_AGREEMENT), unit)
 
 
 def _check_rebuilt_weights(encoded: EncodeResult, shared: list[SharedWeight]) -> None:
@@ -403,7 +341,7 @@ def _versions() -> dict[str, str]:
 def _build_report(*, proto, model_path, data_path, eval_data: EvalData, metric: str, scorer: Scorer,
                   ctx: SearchContext, config: CompressConfig, discovery: Discovery, shares, chosen,
                   encoded: EncodeResult, emitted_value: float, scorer_value: float, final_loss: float,
-                  bytes_before: int, timings: dict, outcome, uniform, proxy_stats, verify_log) -> dict:
+                  bytes_before: int, timings: dict, outcome, uniform, proxy_stats, verification: Verification) -> dict:
     mode = config.loss_mode
     unit = loss_unit(mode)
     info_by_name = {w.name: w for w in discovery.weights}
@@ -493,7 +431,11 @@ def _build_report(*, proto, model_path, data_path, eval_data: EvalData, metric: 
             "predictor": outcome.predictor if outcome else None,
             "proxy": proxy_stats,
             "search_target": ctx.target,
-            "verification": [{"k": t, "loss_search": s, "loss_full": f} for t, s, f, _ in verify_log],
+            "verification": [{"k": t, "loss_search": s, "loss_full": f, "phase": phase}
+                             for t, s, f, _, phase in verification.log],
+            "edge_push": {"search_target": verification.edge_target, "min_probability": EDGE_MIN_PROBABILITY,
+                          "tries": sum(1 for entry in verification.log if entry[4] == "edge"),
+                          "max_tries": config.edge_tries},
             "pareto": pareto,
             "explored": explored,
             "chosen": {"k": dict(chosen), "ratio": ratio_shared},

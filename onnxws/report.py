@@ -276,6 +276,14 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
     stage_rows = [[esc(k), str(v)] for k, v in e.get("scorings_by_stage", {}).items()]
     explored_rows = [[esc(", ".join(f"{k}={v}" for k, v in x["k"].items())), f"{x['ratio']:.2f}", _num(x.get("loss_predicted")),
                       _num(x.get("loss_measured")), esc(x["stage"]), esc(x["subset"])] for x in e.get("explored", [])]
+    verify_rows = [[esc(", ".join(f"{k}={v}" for k, v in x["k"].items())), _num(x.get("loss_search")), _num(x.get("loss_full")),
+                    "yes" if x["loss_full"] <= report["budget"]["loss"] + 1e-9 else "no", esc(x.get("phase", "verify"))]
+                   for x in e.get("verification", [])]
+    edge = e.get("edge_push") or {}
+    edge_html = (f"<p>Edge push: with loss to spare on the full set, up to {edge.get('max_tries')} tuples that measured up to "
+                 f"{_num(edge.get('search_target'))} {unit} on the search subset (a chance of at least "
+                 f"{100 * edge.get('min_probability', 0):.0f}% to hold on the full set, from the subset's sampling error) "
+                 f"were verified: {edge.get('tries')} tried.</p>") if edge.get("search_target") is not None else ""
     skipped_rows = [[esc(s["name"]), esc(s["reason"])] for s in report.get("skipped", [])]
     notes = "".join(f"<li>{esc(n)}</li>" for n in report.get("encoding", {}).get("notes", [])) or "<li>none</li>"
     versions = ", ".join(f"{esc(k)} {esc(str(v))}" for k, v in report.get("versions", {}).items())
@@ -294,6 +302,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 <h2>Predictor</h2>{pred_html}{proxy_html}
 <h2>Time and scorings per stage</h2>
 <div class="plots">{_table(["stage", "seconds"], time_rows, {1})}{_table(["stage", "scorings"], stage_rows, {1})}</div>
+<h2>Full-set verification</h2>{_table(["k per tensor", f"loss search ({unit})", f"loss full ({unit})", "within budget", "phase"], verify_rows, {1, 2})}{edge_html}
 <details><summary>All {len(explored_rows)} evaluated tuples</summary>{_table(["k per tensor", "CR", "loss predicted", "loss measured", "stage", "subset"], explored_rows, {1, 2, 3})}</details>
 <h2>Skipped tensors</h2>{_table(["tensor", "reason"], skipped_rows) if skipped_rows else "<p>None.</p>"}
 <h2>Encoding</h2><p>Output opset {report.get('encoding', {}).get('opset')}.</p><ul>{notes}</ul>

@@ -1,0 +1,260 @@
+"""Full-set verification: the search subset's answer checked on the whole evaluation set.
+
+The exploration measures tuples on a fixed search subset (the first ``--search-samples``
+samples); the budget holds on the full set. The two disagree by the subset's sampling error,
+a few tenths of a point on a top-1 metric over a few thousand samples, in both directions:
+
+- **step back**: a tuple the strategy picked at the budget's edge is optimistic on the subset
+  (it was picked *because* it looked good there); a full-set miss tightens the search target
+  by the gap just observed and the strategy continues, then the remaining subset-feasible
+  tuples are verified best first.
+- **edge push**: once a tuple holds on the full set with loss to spare, a tuple that measured
+  just over the budget on the subset may well hold on the full set. Each such tuple's chance
+  is estimated from the subset's sampling error (``SubsetNoise``); the strategy first scores
+  the tuples within that error of the budget, then the most compressive ones whose chance is at
+  least ``EDGE_MIN_PROBABILITY`` are verified on the full set, at most ``edge_tries`` of them.
+
+The answer is always a tuple measured within budget on the full set.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from onnxws.exploration import SearchContext, Tuple_, within_budget
+from onnxws.network_search import (
+    SearchOutcome,
+    exhaustive_continue,
+    exhaustive_search,
+    greedy_search,
+    predictor_search,
+    verify_full,
+)
+
+# Full-set misses after which the search stops aiming lower and steps back instead.
+MAX_ROUNDS = 4
+STEP_BACK_TRIES = 4
+# Edge push: a tuple over the budget on the subset is verified when its estimated chance of
+# holding on the full set is at least this (one-sided: about 1.28 standard errors over).
+EDGE_MIN_PROBABILITY = 0.1
+
+
+@dataclass(frozen=True)
+class SubsetNoise:
+    """Sampling error of a loss measured on the search subset, as a predictor of the full-set loss.
+
+    The search subset is the first ``n_search`` of the ``n_full`` samples, so the full-set loss
+    is ``(n_search * L_search + n_rest * L_rest) / n_full`` and only the rest is unknown.
+
+    Attributes:
+        n_search, n_full: samples in the subset and the full set.
+        per_sample: the metric is a mean of per-sample outcomes in [0, 1] (top-1 accuracy or
+            agreement): a net loss ``L`` (fraction) then has a per-sample variance of at least
+            ``L (1 - L)``, whatever the flips in the other direction. Otherwise only the spread
+            observed between subset and full-set measurements is used.
+        unit_per_fraction: budget units per metric fraction (100 for pp; 100 / |baseline| for
+            percent of baseline).
+    """
+
+    n_search: int
+    n_full: int
+    per_sample: bool
+    unit_per_fraction: float
+    observed: list[tuple[float, float]] = field(default_factory=list)  # (subset loss, full loss), budget unit
+
+    @property
+    def n_rest(self) -> int:
+        return self.n_full - self.n_search
+
+    def observe(self, loss_search: float | None, loss_full: float) -> None:
+        """Record a tuple measured on both sets (its rest-of-set loss is an independent estimate)."""
+        if loss_search is not None and math.isfinite(loss_search) and math.isfinite(loss_full):
+            self.observed.append((loss_search, loss_full))
+
+    def variance(self, loss: float) -> float:
+        """Per-sample variance (metric fraction squared) assumed for a tuple of subset loss ``loss``."""
+        floor = 0.0
+        if self.per_sample:
+            frac = min(max(loss / self.unit_per_fraction, 0.0), 1.0)
+            floor = frac * (1.0 - frac)
+        if not self.observed or self.n_rest <= 0:
+            return floor
+        scale = 1.0 / self.n_search + 1.0 / self.n_rest
+        gaps = []
+        for search, full in self.observed:
+            rest = (self.n_full * full - self.n_search * search) / self.n_rest
+            gaps.append(((search - rest) / self.unit_per_fraction) ** 2)
+        return max(floor, sum(gaps) / len(gaps) / scale)
+
+    def sd_full(self, loss: float) -> float:
+        """Standard deviation of the full-set loss (budget unit) given the subset loss ``loss``."""
+        if self.n_rest <= 0:
+            return 0.0
+        v = self.variance(loss)
+        sd = (self.n_rest / self.n_full) * math.sqrt(v * (1.0 / self.n_search + 1.0 / self.n_rest))
+        return sd * self.unit_per_fraction
+
+    def pass_probability(self, loss: float, budget: float) -> float:
+        """Estimated chance that a tuple of subset loss ``loss`` is within ``budget`` on the full set."""
+        sd = self.sd_full(loss)
+        if sd <= 0:
+            return 1.0 if within_budget(loss, budget) else 0.0
+        return _normal_cdf((budget - loss) / sd)
+
+    def edge_target(self, budget: float) -> float:
+        """The subset loss up to which a tuple's chance is at least ``EDGE_MIN_PROBABILITY``."""
+        z = -_normal_ppf(EDGE_MIN_PROBABILITY)
+        loss = budget
+        for _ in range(20):  # fixed point: the error grows with the loss
+            nxt = budget + z * self.sd_full(loss)
+            if abs(nxt - loss) < 1e-9:
+                break
+            loss = nxt
+        return loss
+
+
+def _normal_cdf(z: float) -> float:
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+def _normal_ppf(p: float) -> float:
+    lo, hi = -10.0, 10.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if _normal_cdf(mid) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+@dataclass
+class Verification:
+    """What verification did: the answer and every full-set measurement.
+
+    Attributes:
+        chosen: the best tuple measured within budget on the full set (None: none).
+        log: ``(tuple, subset loss, full loss, seconds, phase)``; phase ``verify`` (the strategy's
+            pick), ``step_back`` or ``edge`` (the edge push).
+        outcome: the strategy's last SearchOutcome.
+        edge_target: subset loss up to which the edge push looked (None: no push).
+    """
+
+    chosen: Tuple_ | None = None
+    log: list[tuple[Tuple_, float | None, float, float, str]] = field(default_factory=list)
+    outcome: SearchOutcome | None = None
+    edge_target: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return sum(entry[3] for entry in self.log)
+
+
+def search_and_verify(ctx: SearchContext, *, strategy: str, predictor: str = "auto", seed: int = 0,
+                      noise: SubsetNoise | None = None, edge_tries: int = 4,
+                      uniform: tuple[Tuple_ | None, float | None] = (None, None)) -> Verification:
+    """Run the strategy, verify its best tuple on the full set, step back on a miss, push on slack.
+
+    Args:
+        ctx: the search context (its ``target`` is adjusted and restored here).
+        strategy: ``predictor``, ``exhaustive`` or ``greedy``.
+        noise: the subset's sampling error; None disables the edge push.
+        edge_tries: most full-set scorings of the edge push (0 disables it).
+        uniform: the uniform-k tuple and its full-set loss: it wins if more compressive.
+    """
+    result = Verification()
+    rejected: set = set()
+
+    def run_strategy(attempt: int) -> list[Tuple_]:
+        if strategy == "exhaustive":
+            if attempt == 0:
+                result.outcome = exhaustive_search(ctx)
+                return untried(result.outcome.feasible)[:1]
+            nxt = exhaustive_continue(ctx, rejected)
+            return [nxt] if nxt else []
+        if strategy == "greedy":
+            if attempt > 0:
+                return []  # greedy restarts from scratch: step back instead
+            result.outcome = greedy_search(ctx)
+            return untried(result.outcome.feasible)[:1]
+        result.outcome = predictor_search(ctx, seed=seed, model=predictor)
+        return untried(result.outcome.feasible)[:1]
+
+    def verify(tup: Tuple_, phase: str) -> bool:
+        ctx.progress("verify", len(result.log), 0, f"full set: {ctx.ratio(tup):.1f}x")
+        t0 = time.perf_counter()
+        found, tried = verify_full(ctx, [tup], max_tries=1)
+        for t, search_loss, full_loss in tried:
+            result.log.append((t, search_loss, full_loss, time.perf_counter() - t0, phase))
+            if noise is not None:
+                noise.observe(search_loss, full_loss)
+            if not within_budget(full_loss, ctx.budget):
+                rejected.add(SearchContext.key(t))
+                if phase == "verify" and search_loss is not None:  # aim lower by the optimism just observed
+                    ctx.target = min(ctx.target, ctx.budget - max(full_loss - search_loss, 0.0))
+        return found is not None
+
+    def untried(tuples: list[Tuple_]) -> list[Tuple_]:
+        return [t for t in tuples if SearchContext.key(t) not in rejected and ctx.known(t, "full") is None]
+
+    ctx.progress("network", 0, 0, f"strategy {strategy}")
+    for attempt in range(MAX_ROUNDS):
+        top = run_strategy(attempt)
+        if not top:
+            break
+        if verify(top[0], "verify"):
+            result.chosen = top[0]
+        if result.chosen is not None or ctx.target <= 0 or not ctx.can_score():
+            break
+    if result.chosen is None:  # step back along the subset-feasible tuples, best first
+        for tup in _subset_tuples(ctx, untried, ctx.budget)[:STEP_BACK_TRIES]:
+            if verify(tup, "step_back"):
+                result.chosen = tup
+                break
+    if result.chosen is not None and noise is not None and edge_tries > 0:
+        _edge_push(ctx, result, noise, edge_tries, lambda: run_strategy(0) if strategy == "predictor" else None,
+                   untried, verify)
+    tup, loss = uniform
+    if tup is not None and loss is not None and within_budget(loss, ctx.budget):
+        if result.chosen is None or ctx.ratio(tup) > ctx.ratio(result.chosen):
+            result.chosen = tup
+    return result
+
+
+def _subset_tuples(ctx: SearchContext, untried: Callable, limit: float) -> list[Tuple_]:
+    """Untried tuples measured on the subset within ``limit``, most compressive first."""
+    rows = {SearchContext.key(e.k): e.k for e in ctx.explored
+            if e.k and e.subset == "search" and within_budget(e.loss_measured, limit)}
+    return untried(sorted(rows.values(), key=lambda t: -ctx.ratio(t)))
+
+
+def _edge_push(ctx: SearchContext, result: Verification, noise: SubsetNoise, tries: int,
+               search_edge: Callable[[], object], untried: Callable, verify: Callable[[Tuple_, str], bool]) -> None:
+    """Verify the most compressive tuples just over the budget on the subset (module docstring)."""
+    chosen_full = ctx.known(result.chosen, "full")
+    if noise.n_rest <= 0 or chosen_full is None or not ctx.budget - chosen_full > 1e-9:
+        return
+    edge = noise.edge_target(ctx.budget)
+    result.edge_target = edge
+    saved = ctx.target
+    ctx.target = edge  # the strategy scores the tuples within the subset's error of the budget
+    try:
+        search_edge()
+    finally:
+        ctx.target = saved
+    for tup in _subset_tuples(ctx, untried, edge):
+        if tries <= 0:
+            break
+        if ctx.ratio(tup) <= ctx.ratio(result.chosen) + 1e-12:
+            break  # most compressive first: nothing better remains
+        if noise.pass_probability(ctx.known(tup), ctx.budget) < EDGE_MIN_PROBABILITY:
+            continue
+        if not ctx.can_score():
+            break
+        tries -= 1
+        if verify(tup, "edge"):
+            result.chosen = tup
+            break

@@ -1,0 +1,99 @@
+"""Full-set verification: the subset's sampling error, the step-back and the edge push."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxws.exploration import SearchContext, within_budget
+from onnxws.verification import EDGE_MIN_PROBABILITY, SubsetNoise, search_and_verify
+
+from test_exploration import make_layers
+
+
+def test_noise_matches_binomial_sampling():
+    """Simulated per-sample losses (each sample lost with probability q, none gained): the spread
+    of full-set minus subset loss is what ``sd_full`` states."""
+    rng = np.random.default_rng(0)
+    n_search, n_full, q = 2000, 10000, 0.012
+    lost = rng.random((4000, n_full)) < q
+    loss_search = lost[:, :n_search].mean(axis=1) * 100
+    loss_full = lost.mean(axis=1) * 100
+    noise = SubsetNoise(n_search, n_full, per_sample=True, unit_per_fraction=100.0)
+    assert np.std(loss_full - loss_search) == pytest.approx(noise.sd_full(q * 100), rel=0.06)
+
+
+def test_pass_probability_and_edge_target():
+    noise = SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0)
+    assert noise.pass_probability(1.0, 1.0) == pytest.approx(0.5)
+    probs = [noise.pass_probability(x, 1.0) for x in (0.6, 0.9, 1.1, 1.3, 1.6)]
+    assert probs == sorted(probs, reverse=True) and probs[0] > 0.9 and probs[-1] < 0.01
+    edge = noise.edge_target(1.0)
+    assert edge > 1.0
+    assert noise.pass_probability(edge, 1.0) == pytest.approx(EDGE_MIN_PROBABILITY, abs=1e-3)
+
+
+def test_noise_without_a_rest_or_a_per_sample_metric():
+    whole = SubsetNoise(500, 500, per_sample=True, unit_per_fraction=100.0)  # the subset is the full set
+    assert whole.sd_full(1.0) == 0 and whole.edge_target(1.0) == 1.0
+    assert whole.pass_probability(1.01, 1.0) == 0 and whole.pass_probability(0.99, 1.0) == 1
+    custom = SubsetNoise(2000, 10000, per_sample=False, unit_per_fraction=100.0)
+    assert custom.sd_full(1.0) == 0  # nothing known about a custom metric's spread ...
+    custom.observe(0.8, 0.6)  # ... until a tuple is measured on both sets
+    assert custom.sd_full(1.0) > 0
+    floor = SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0)
+    before = floor.sd_full(1.0)
+    floor.observe(1.0, 1.0 + 1e-6)  # a tiny observed gap never lowers the per-sample floor
+    assert floor.sd_full(1.0) == pytest.approx(before)
+
+
+def _context(full_offset: float, budget: float = 1.0):
+    """Stub network whose full-set loss is the subset loss plus ``full_offset``."""
+    layers, truth = make_layers([150, 2400, 4800, 600], [0.3, 0.2, 0.05, 0.1])
+
+    def evaluate(tuples, subset):
+        out = []
+        for tup in tuples:
+            loss = sum(truth[n][k] for n, k in tup.items()) * (1.1 if len(tup) > 1 else 1.0)
+            out.append(0.99 - (loss + (full_offset if subset == "full" else 0.0)) / 100.0)
+        return out
+
+    ctx = SearchContext(layers, evaluate, {"search": 0.99, "full": 0.99}, budget, "absolute")
+    for layer in layers:  # what the layer stage would have kept
+        layer.candidates = [opt.k for opt in layer.options if opt.bits >= 1]
+        layer.loss_alone = {k: truth[layer.name][k] for k in layer.candidates}
+    return ctx
+
+
+def _full_loss(ctx, tup):
+    return ctx.known(tup, "full")
+
+
+def test_edge_push_finds_more_when_the_full_set_is_kinder():
+    noise = SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0)
+    plain = search_and_verify(_context(-0.3), strategy="exhaustive", noise=None)
+    pushed_ctx = _context(-0.3)
+    pushed = search_and_verify(pushed_ctx, strategy="exhaustive", noise=noise, edge_tries=4)
+    assert plain.chosen is not None and pushed.chosen is not None
+    assert within_budget(_full_loss(pushed_ctx, pushed.chosen), 1.0)
+    assert pushed_ctx.ratio(pushed.chosen) > pushed_ctx.ratio(plain.chosen)
+    edge = [entry for entry in pushed.log if entry[4] == "edge"]
+    assert 1 <= len(edge) <= 4
+    assert all(noise.pass_probability(s, 1.0) >= EDGE_MIN_PROBABILITY for _, s, _, _, _ in edge)
+    assert pushed.edge_target is not None and pushed.edge_target > 1.0
+
+
+def test_edge_push_keeps_the_verified_tuple_when_the_full_set_is_harsher():
+    noise = SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0)
+    ctx = _context(+0.05)
+    result = search_and_verify(ctx, strategy="exhaustive", noise=noise, edge_tries=3)
+    assert result.chosen is not None and within_budget(_full_loss(ctx, result.chosen), 1.0)
+    first_pass = next(t for t, _, full, _, phase in result.log if phase != "edge" and within_budget(full, 1.0))
+    assert ctx.ratio(result.chosen) >= ctx.ratio(first_pass)
+    assert sum(1 for entry in result.log if entry[4] == "edge") <= 3
+
+
+def test_no_edge_push_when_disabled():
+    noise = SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0)
+    result = search_and_verify(_context(-0.3), strategy="exhaustive", noise=noise, edge_tries=0)
+    assert all(entry[4] != "edge" for entry in result.log) and result.edge_target is None
