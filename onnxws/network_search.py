@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 UNSHARED = 0  # item k meaning "leave this layer unshared"
 FIT_WINDOW = 1.5  # the predictor is fitted on scored tuples with loss <= FIT_WINDOW * budget
+MIN_LOSS_LEVELS = 2.0  # ``auto`` starts from the paper's model only above this (``loss_levels``)
 
 
 @dataclass
@@ -172,22 +173,39 @@ def loo_error(model: _AdditiveLoss, tuples: list[Tuple_]) -> float | None:
     return float(np.mean(errors)) if errors else None
 
 
+def loss_levels(layers: list[Layer]) -> float:
+    """Mean number of distinct non-zero losses alone among a layer's candidates.
+
+    The paper's model orders a layer's candidates by their loss alone only. A top-1 loss on a
+    few hundred samples is quantised (a layer alone often loses 0 or 1 sample at every width):
+    below 2 levels per layer it can at best tell "free" from "costly", predicts 0 for most
+    tuples, and its front collapses onto a few tuples.
+    """
+    if not layers:
+        return 0.0
+    levels = [len({round(layer.loss_alone[k], 9) for k in layer.candidates
+                   if layer.loss_alone.get(k, 0.0) > 0}) for layer in layers]
+    return sum(levels) / len(levels)
+
+
 class _BestOfLoss:
     """``auto``: both models fitted every round; the one with the smaller leave-one-out error
-    on the scored tuples predicts (the paper's until there are tuples to compare; a tie keeps it).
+    on the scored tuples predicts (until there are tuples to compare, the paper's, unless most
+    layers have too few distinct losses alone (``loss_levels``); a tie in error keeps the paper's).
     Deep networks scored by top-1 on a few hundred samples favour the divergence model (a
     layer alone loses 0 or 1 sample); shallow ones with many samples can favour the paper's."""
 
     def __init__(self, ctx: SearchContext, ridge: float) -> None:
         self.ctx = ctx
         self.models = [_AdditiveLoss(ctx, ridge), _DivergenceLoss(ctx, ridge)]
-        self.active = self.models[0]
+        self.first = self.models[0] if loss_levels(ctx.layers) >= MIN_LOSS_LEVELS else self.models[1]
+        self.active = self.first
         self.errors: dict[str, float | None] = {}
 
     def fit(self, tuples: list[Tuple_]) -> None:
         self.errors = {m.name: loo_error(m, tuples) for m in self.models}
         known = [m for m in self.models if self.errors[m.name] is not None]
-        self.active = min(known, key=lambda m: self.errors[m.name]) if len(known) == len(self.models) else self.models[0]
+        self.active = min(known, key=lambda m: self.errors[m.name]) if len(known) == len(self.models) else self.first
 
     def __getattr__(self, name: str):  # items, linear, loss, feature_limit, band, predict
         return getattr(self.active, name)

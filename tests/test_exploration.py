@@ -236,7 +236,7 @@ def test_repeated_tuples_are_scored_once():
 
 # -- many layers, a quantised top-1 metric: the divergence model -------------------------------
 
-def quantised_top1_network(n_layers: int = 30, samples: int = 250, seed: int = 0):
+def quantised_top1_network(n_layers: int = 30, samples: int = 250, seed: int = 0, scale: float = 1.0):
     """A stub like a deep classifier scored by top-1 on ``samples`` inputs: each layer's output
     divergence alone is ``s_i * 4**-b`` (s_i spread over two decades), divergences add, and the loss in pp is
     ``c * sqrt(total divergence)`` rounded to whole flipped samples (1 sample = 100/samples pp)."""
@@ -248,7 +248,7 @@ def quantised_top1_network(n_layers: int = 30, samples: int = 250, seed: int = 0
         name = f"w{i}"
         layers.append(Layer(name, int(n), 32 * int(n), [Option(2**b, b, int(n) * b + 32 * 2**b, float(n) * 4.0 ** (-b))
                                                         for b in BITS]))
-        div[name] = {2**b: float(s) * 6.25e-4 * 4.0 ** (3 - b) for b in BITS}  # ~0.5 pp alone at 3 bits
+        div[name] = {2**b: scale * float(s) * 6.25e-4 * 4.0 ** (3 - b) for b in BITS}  # ~0.5 pp alone at 3 bits
     c, step = 20.0, 100.0 / samples
 
     def loss_of(total: float) -> float:
@@ -305,6 +305,29 @@ def test_divergence_model_beats_the_additive_one_on_a_deep_quantised_network():
     optimum = sum(layer.full_bits for layer in layers) / min(p.size_bits for p in front)
     assert ratios["divergence"] >= 0.97 * optimum
     assert ratios["divergence"] > ratios["additive"]
+
+
+def test_auto_starts_from_the_divergence_model_when_losses_alone_are_tied():
+    """Eight layers that lose at most a sample alone (divergences 100x below the
+    quantised stub's): nearly every loss alone is 0, so the paper's model predicts 0 for most tuples and
+    its front is nearly one tuple. ``auto`` starts from the divergence model there (``loss_levels``)
+    and ends as compressive as that model; on distinct losses alone it starts from the paper's."""
+    from onnxws.network_search import MIN_LOSS_LEVELS, loss_levels
+
+    ratios = {}
+    for model in ("auto", "divergence", "additive"):
+        layers, div, evaluate, loss_of = quantised_top1_network(n_layers=8, scale=0.01)
+        ctx = SearchContext(layers, evaluate, {"search": 0.9, "full": 0.9}, 1.0, "absolute")
+        layer_sensitivity(ctx)
+        assert loss_levels(ctx.layers) < MIN_LOSS_LEVELS
+        outcome = predictor_search(ctx, model=model)
+        ratios[model] = ctx.ratio(outcome.feasible[0]) if outcome.feasible else 0.0
+    assert ratios["auto"] >= 0.98 * ratios["divergence"]
+    assert ratios["divergence"] > 1.1 * ratios["additive"]
+    layers, truth = make_layers([150, 2400, 4800, 600], [0.3, 0.2, 0.05, 0.1])
+    ctx = context(layers, truth)
+    layer_sensitivity(ctx)
+    assert loss_levels(ctx.layers) >= MIN_LOSS_LEVELS
 
 
 # -- granularity "auto": tensor or channel codebooks, measured --------------------------------
