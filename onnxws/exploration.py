@@ -103,7 +103,9 @@ class SearchContext:
         evaluate: ``(tuples, subset) -> metric values`` (higher is better), one per tuple;
             layers absent from a tuple keep their original weights. An evaluator may return
             ``(value, output divergence)`` pairs instead (``metrics.output_divergence``):
-            the stages then use the divergence as their smooth measure of damage.
+            the stages then use the divergence as their smooth measure of damage; or
+            ``(value, divergence, spread)`` triples, the spread giving the sampling error of
+            the loss (``verification.SubsetNoise``).
         baseline: metric of the unshared model per subset, ``{"search": .., "full": ..}``.
         budget: allowed loss in the unit of ``loss_mode``.
         loss_mode: ``absolute`` (pp) or ``relative`` (percent of baseline).
@@ -147,6 +149,7 @@ class SearchContext:
         self.stopped_by = "converged"
         self._memo: dict[tuple[str, tuple[tuple[str, int], ...]], float] = {}
         self._divergence: dict[tuple[str, tuple[tuple[str, int], ...]], float] = {}
+        self._spread: dict[tuple[str, tuple[tuple[str, int], ...]], float] = {}
         self.total_full_bits = sum(layer.full_bits for layer in self.layers)
 
     # -- sizes -------------------------------------------------------------------------
@@ -198,6 +201,10 @@ class SearchContext:
         evaluator gives none)."""
         return self._divergence.get((subset, self.key(tup)))
 
+    def spread(self, tup: Mapping[str, int], subset: str = "search") -> float | None:
+        """Per-sample outcome spread measured for this tuple (``Scorer.score_with_divergence``), or None."""
+        return self._spread.get((subset, self.key(tup)))
+
     @property
     def has_divergence(self) -> bool:
         """Whether the evaluator reports output divergences (every scoring so far had one)."""
@@ -240,13 +247,16 @@ class SearchContext:
     def record(self, tup: Mapping[str, int], value: float | tuple[float, float], subset: str = "search",
                stage: str = "network", predicted: float | None = None) -> float:
         """Count one scoring done for ``tup`` (by ``losses`` or by a stage that called the
-        scorer itself) and remember its loss; ``value`` is a metric value or (value, divergence)."""
+        scorer itself) and remember its loss; ``value`` is a metric value, (value, divergence) or
+        (value, divergence, spread)."""
         key = self.key(tup)
         self.count(stage)
         divergence = None
         if isinstance(value, tuple):
-            value, divergence = value
+            value, divergence, *rest = value
             self._divergence[(subset, key)] = float(divergence)
+            if rest and rest[0] is not None:
+                self._spread[(subset, key)] = float(rest[0])
         loss = loss_between(self.baseline[subset], value, self.loss_mode)
         self._memo[(subset, key)] = loss
         self.explored.append(Explored(dict(tup), self.ratio(tup), loss, subset, stage, predicted,

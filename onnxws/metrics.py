@@ -54,6 +54,12 @@ class Metric:
     needs_reference: bool = False
     output: str | None = None
 
+    @property
+    def per_sample(self) -> Callable[[list[np.ndarray], dict[str, np.ndarray]], np.ndarray] | None:
+        """``outcomes(outputs, data)``: per-sample outcomes whose mean is the metric (built-in
+        top-1 metrics), or None (a custom metric is one number per evaluation)."""
+        return getattr(self.fn, "outcomes", None)
+
     def identity(self) -> str:
         """What the score cache keys on: name, output and, for custom metrics, a hash of the code."""
         code = getattr(self.fn, "code_hash", "")
@@ -117,12 +123,16 @@ class Top1Accuracy:
     output_name: str
 
     def __call__(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> float:
+        return float(np.mean(self.outcomes(outputs, data)))
+
+    def outcomes(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-sample outcome (1.0 correct, 0.0 not): the metric is their mean."""
         logits = _as_logits(outputs[self.index], self.output_name)
         labels = data[LABELS]
         _check_labels(labels, logits.shape[1], self.output_name)
         if len(labels) != len(logits):
             raise InputError(f"output {self.output_name!r} has {len(logits)} rows for {len(labels)} labels")
-        return float(np.mean(logits.argmax(axis=1) == labels))
+        return (logits.argmax(axis=1) == labels).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -133,9 +143,13 @@ class Top1Agreement:
     output_name: str
 
     def __call__(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> float:
+        return float(np.mean(self.outcomes(outputs, data)))
+
+    def outcomes(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-sample outcome (1.0 same top-1 as the uncompressed model, 0.0 not): the metric is their mean."""
         logits = _as_logits(outputs[self.index], self.output_name)
         reference = _as_logits(data[reference_key(self.output_name)], self.output_name)
-        return float(np.mean(logits.argmax(axis=1) == reference.argmax(axis=1)))
+        return (logits.argmax(axis=1) == reference.argmax(axis=1)).astype(np.float64)
 
 
 @dataclass(frozen=True)

@@ -181,9 +181,9 @@ def compress(
     scorer = Scorer(proto, [w.name for w in discovery.weights], eval_data, metric, device=config.device,
                     search_samples=config.search_samples, batch_size=config.batch_size, cache=score_cache)
     try:
-        def evaluate(tuples: list[dict[str, int]], subset: str) -> list[tuple[float, float]]:
+        def evaluate(tuples: list[dict[str, int]], subset: str) -> list[tuple]:
             candidates = [{name: shares[name][k].decode() for name, k in tup.items()} for tup in tuples]
-            return scorer.score_with_divergence(candidates, subset)
+            return scorer.score_with_divergence(candidates, subset, spread=True)
 
         baseline = {"search": scorer.baseline_search, "full": scorer.baseline_full}
         ctx = SearchContext(layers, evaluate, baseline, config.loss, config.loss_mode,

@@ -67,6 +67,7 @@ EXTERNAL_MIN_BYTES = 4096
 the per-candidate model bytes that ORT parses stay small."""
 _EXTERNAL_LOCATION = "onnxws-in-memory"
 _DIVERGENCE_KEY = "|divergence"  # the cache row of a candidate's output divergence: its key + this
+_SPREAD_KEY = "|spread"  # ... and of its per-sample outcome spread (built-in metrics)
 _PROTO_LIMIT = 2**31 - 1 - 64 * 2**20  # protobuf cannot serialise a message over 2 GiB
 # Candidates at least this large are hashed one array per thread (hashlib releases the GIL):
 # SHA-256 runs at ~1.8 GB/s per core here, 58 ms for ResNet-50's 102 MB of weights.
@@ -611,7 +612,8 @@ class Scorer:
         self._views: dict[str, dict[str, np.ndarray]] = {}
         self._reference: dict[str, list[np.ndarray]] = {}
         self._baseline: dict[str, float] = {}
-        self._memo: dict[str, tuple[float, float]] = {}
+        self._memo: dict[str, tuple[float, float, float | None]] = {}
+        self._outcomes: dict[str, np.ndarray] = {}  # per-sample outcomes of the unmodified model
         self.scorings = 0
         self.scorings_run = 0
         self.scorings_cached = 0
@@ -658,40 +660,49 @@ class Scorer:
         Raises:
             ValueError: an unknown weight name, dtype or shape.
         """
-        return [value for value, _ in self.score_with_divergence(candidates, subset)]
+        return [result[0] for result in self.score_with_divergence(candidates, subset)]
 
     def score_with_divergence(self, candidates: Sequence[Mapping[str, np.ndarray]],
-                              subset: str = "search") -> list[tuple[float, float]]:
+                              subset: str = "search", *, spread: bool = False) -> list[tuple]:
         """Like ``score``, with each candidate's output divergence from the unmodified model
         (``metrics.output_divergence`` over the metric's output, or all outputs for a custom
         metric): ``[(metric value, divergence), ...]``. Both come from the same run and are
-        cached together."""
+        cached together.
+
+        With ``spread``, triples ``(value, divergence, spread)``: ``spread`` is the mean squared
+        per-sample change of the metric's outcomes vs the unmodified model (for 0/1 outcomes the
+        fraction of samples that flipped either way), from which the sampling error of the
+        loss follows; None for a metric without per-sample outcomes (a custom metric).
+        """
         self._check_subset(subset)
-        results: list[tuple[float, float]] = []
+        results: list[tuple] = []
         for candidate in candidates:
             self._check_candidate(candidate)
             key = self.key(candidate, subset)
             result = self._memo.get(key)
             if result is None and self.cache is not None:
                 value, divergence = self.cache.get(key), self.cache.get(key + _DIVERGENCE_KEY)
-                if value is not None and divergence is not None:
-                    result = (value, divergence)
+                flips = self.cache.get(key + _SPREAD_KEY) if self.metric.per_sample is not None else None
+                if value is not None and divergence is not None and (flips is not None or self.metric.per_sample is None):
+                    result = (value, divergence, flips)
             if result is None:
                 outputs = self._run_suffix(candidate, subset) if self.reuse_activations else None
                 if outputs is None:
                     outputs = self._run(candidate, subset)
                 else:
                     self.scorings_suffix += 1
-                result = (self._evaluate(outputs, subset), self._divergence(outputs, subset))
+                result = (self._evaluate(outputs, subset), self._divergence(outputs, subset), self._spread(outputs, subset))
                 self.scorings_run += 1
                 if self.cache is not None:
                     self.cache.put(key, result[0])
                     self.cache.put(key + _DIVERGENCE_KEY, result[1])
+                    if result[2] is not None:
+                        self.cache.put(key + _SPREAD_KEY, result[2])
             else:
                 self.scorings_cached += 1
             self._memo[key] = result
             self.scorings += 1
-            results.append(result)
+            results.append(result if spread else result[:2])
         return results
 
     def outputs(self, candidate: Mapping[str, np.ndarray], subset: str = "full") -> list[np.ndarray]:
@@ -831,13 +842,25 @@ class Scorer:
         return acts
 
     def _evaluate(self, outputs: list[np.ndarray], subset: str) -> float:
+        return float(self.metric.fn(outputs, self._metric_data(subset)))
+
+    def _metric_data(self, subset: str) -> dict[str, np.ndarray]:
         if subset not in self._views:
             self._views[subset] = _read_only(self._data[subset].arrays)
         data = dict(self._views[subset])
         if self.metric.needs_reference:
             reference = self.reference_outputs(subset)
             data.update({reference_key(n): r for n, r in zip(self._output_names, reference)})
-        return float(self.metric.fn(outputs, data))
+        return data
+
+    def _spread(self, outputs: list[np.ndarray], subset: str) -> float | None:
+        per_sample = self.metric.per_sample
+        if per_sample is None:
+            return None
+        if subset not in self._outcomes:
+            self._outcomes[subset] = per_sample(self.reference_outputs(subset), self._metric_data(subset))
+        change = per_sample(outputs, self._metric_data(subset)) - self._outcomes[subset]
+        return float(np.mean(np.square(change)))
 
     def _divergence(self, outputs: list[np.ndarray], subset: str) -> float:
         reference = self.reference_outputs(subset)

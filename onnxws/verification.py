@@ -42,28 +42,37 @@ STEP_BACK_TRIES = 4
 EDGE_MIN_PROBABILITY = 0.1
 
 
-@dataclass(frozen=True)
+@dataclass
 class SubsetNoise:
     """Sampling error of a loss measured on the search subset, as a predictor of the full-set loss.
 
     The search subset is the first ``n_search`` of the ``n_full`` samples, so the full-set loss
-    is ``(n_search * L_search + n_rest * L_rest) / n_full`` and only the rest is unknown.
+    is ``(n_search * L_search + n_rest * L_rest) / n_full`` and only the rest is unknown: given
+    the subset loss, the full-set loss is about normal around it, with a variance that follows
+    from the per-sample variance ``v`` of the metric's change: ``(n_rest / n_full)**2 * v *
+    (1 / n_search + 1 / n_rest)``.
+
+    ``v`` is known best from the tuple's own per-sample outcomes (``spread``: the mean squared
+    per-sample change, e.g. the fraction of samples flipped either way by a top-1 metric:
+    ``v = spread - L**2``). Without it: ``spread_ratio`` (spread per unit of loss, the median over
+    the scored tuples, see ``calibrate``), the floor ``L (1 - L)`` of a metric whose outcomes are
+    0/1 (``per_sample``), and for other metrics the gaps seen between subset and full-set losses.
 
     Attributes:
         n_search, n_full: samples in the subset and the full set.
-        per_sample: the metric is a mean of per-sample outcomes in [0, 1] (top-1 accuracy or
-            agreement): a net loss ``L`` (fraction) then has a per-sample variance of at least
-            ``L (1 - L)``, whatever the flips in the other direction. Otherwise only the spread
-            observed between subset and full-set measurements is used.
+        per_sample: the metric is a mean of per-sample outcomes in [0, 1] (top-1 accuracy or agreement).
         unit_per_fraction: budget units per metric fraction (100 for pp; 100 / |baseline| for
             percent of baseline).
+        observed: (subset loss, full loss) of the tuples measured on both, budget unit.
+        spread_ratio: spread per unit of loss (fractions), or None.
     """
 
     n_search: int
     n_full: int
     per_sample: bool
     unit_per_fraction: float
-    observed: list[tuple[float, float]] = field(default_factory=list)  # (subset loss, full loss), budget unit
+    observed: list[tuple[float, float]] = field(default_factory=list)
+    spread_ratio: float | None = None
 
     @property
     def n_rest(self) -> int:
@@ -74,12 +83,23 @@ class SubsetNoise:
         if loss_search is not None and math.isfinite(loss_search) and math.isfinite(loss_full):
             self.observed.append((loss_search, loss_full))
 
-    def variance(self, loss: float) -> float:
-        """Per-sample variance (metric fraction squared) assumed for a tuple of subset loss ``loss``."""
+    def calibrate(self, scored: list[tuple[float, float | None]]) -> None:
+        """Learn the spread per unit of loss from scored ``(subset loss, spread)`` pairs."""
+        ratios = sorted(spread / (loss / self.unit_per_fraction) for loss, spread in scored
+                        if spread is not None and loss > 0)
+        if ratios:
+            self.spread_ratio = ratios[len(ratios) // 2]
+
+    def variance(self, loss: float, spread: float | None = None) -> float:
+        """Per-sample variance (metric fraction squared) for a tuple of subset loss ``loss``."""
+        frac = min(max(loss / self.unit_per_fraction, 0.0), 1.0)
+        if spread is not None:
+            return max(spread - frac * frac, 0.0)
         floor = 0.0
         if self.per_sample:
-            frac = min(max(loss / self.unit_per_fraction, 0.0), 1.0)
             floor = frac * (1.0 - frac)
+            if self.spread_ratio is not None:
+                floor = max(floor, self.spread_ratio * frac - frac * frac)
         if not self.observed or self.n_rest <= 0:
             return floor
         scale = 1.0 / self.n_search + 1.0 / self.n_rest
@@ -89,26 +109,27 @@ class SubsetNoise:
             gaps.append(((search - rest) / self.unit_per_fraction) ** 2)
         return max(floor, sum(gaps) / len(gaps) / scale)
 
-    def sd_full(self, loss: float) -> float:
+    def sd_full(self, loss: float, spread: float | None = None) -> float:
         """Standard deviation of the full-set loss (budget unit) given the subset loss ``loss``."""
         if self.n_rest <= 0:
             return 0.0
-        v = self.variance(loss)
+        v = self.variance(loss, spread)
         sd = (self.n_rest / self.n_full) * math.sqrt(v * (1.0 / self.n_search + 1.0 / self.n_rest))
         return sd * self.unit_per_fraction
 
-    def pass_probability(self, loss: float, budget: float) -> float:
+    def pass_probability(self, loss: float, budget: float, spread: float | None = None) -> float:
         """Estimated chance that a tuple of subset loss ``loss`` is within ``budget`` on the full set."""
-        sd = self.sd_full(loss)
+        sd = self.sd_full(loss, spread)
         if sd <= 0:
             return 1.0 if within_budget(loss, budget) else 0.0
         return _normal_cdf((budget - loss) / sd)
 
     def edge_target(self, budget: float) -> float:
-        """The subset loss up to which a tuple's chance is at least ``EDGE_MIN_PROBABILITY``."""
+        """The subset loss up to which a tuple's chance is at least ``EDGE_MIN_PROBABILITY``
+        (by the error expected at that loss: no tuple's own spread)."""
         z = -_normal_ppf(EDGE_MIN_PROBABILITY)
         loss = budget
-        for _ in range(20):  # fixed point: the error grows with the loss
+        for _ in range(50):  # fixed point: the error grows with the loss
             nxt = budget + z * self.sd_full(loss)
             if abs(nxt - loss) < 1e-9:
                 break
@@ -237,6 +258,8 @@ def _edge_push(ctx: SearchContext, result: Verification, noise: SubsetNoise, tri
     chosen_full = ctx.known(result.chosen, "full")
     if noise.n_rest <= 0 or chosen_full is None or not ctx.budget - chosen_full > 1e-9:
         return
+    noise.calibrate([(e.loss_measured, ctx.spread(e.k)) for e in ctx.explored
+                     if e.k and e.subset == "search" and 0 < e.loss_measured <= 2 * ctx.budget])
     edge = noise.edge_target(ctx.budget)
     result.edge_target = edge
     saved = ctx.target
@@ -250,7 +273,7 @@ def _edge_push(ctx: SearchContext, result: Verification, noise: SubsetNoise, tri
             break
         if ctx.ratio(tup) <= ctx.ratio(result.chosen) + 1e-12:
             break  # most compressive first: nothing better remains
-        if noise.pass_probability(ctx.known(tup), ctx.budget) < EDGE_MIN_PROBABILITY:
+        if noise.pass_probability(ctx.known(tup), ctx.budget, ctx.spread(tup)) < EDGE_MIN_PROBABILITY:
             continue
         if not ctx.can_score():
             break

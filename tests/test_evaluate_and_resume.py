@@ -98,12 +98,12 @@ def test_killed_run_resumes_from_its_cache(lenet_dir, tmp_path):
 
 
 def _rows(db) -> int:
-    """Scorings stored (each also has a '<key>|divergence' row)."""
+    """Scorings stored (each also has '<key>|divergence' and '<key>|spread' rows)."""
     import sqlite3
 
     try:
         with sqlite3.connect(db, timeout=1) as conn:
-            return int(conn.execute("select count(*) from scores where key not like '%|divergence'").fetchone()[0])
+            return int(conn.execute("select count(*) from scores where key not like '%|divergence' and key not like '%|spread'").fetchone()[0])
     except sqlite3.Error:
         return 0
 

@@ -461,3 +461,24 @@ def test_divergence_comes_from_the_same_run_and_is_cached(labelled, tmp_path, en
         again = make_scorer(labelled, engine, cache=cache)
         assert again.score_with_divergence(candidates, "full") == pairs
         assert again.scorings_run == 0 and again.scorings_cached == 3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_spread_counts_the_samples_flipped_either_way(labelled, tmp_path, engine):
+    """The spread of a top-1 candidate is the fraction of samples whose correctness changed
+    (lost or gained) vs the unmodified model, from the same run, and cached with the value."""
+    with ScoreCache(tmp_path / "scores.sqlite") as cache:
+        scorer = make_scorer(labelled, engine, cache=cache)
+        w = scorer.originals["conv.W"]
+        noise = np.random.default_rng(2).normal(0, 1, w.shape).astype(np.float32)
+        candidates = [{}, {"conv.W": w + np.float32(0.5) * noise}]
+        triples = scorer.score_with_divergence(candidates, "full", spread=True)
+        assert triples[0][2] == 0.0
+        y = labelled[1].labels
+        before = scorer.reference_outputs("full")[0].argmax(axis=1) == y
+        after = scorer.outputs(candidates[1], "full")[0].argmax(axis=1) == y
+        assert triples[1][2] == pytest.approx(np.mean(before != after), abs=1e-12) and triples[1][2] > 0
+        assert triples[1][2] >= abs(triples[0][0] - triples[1][0]) - 1e-12  # flips either way >= net loss
+        again = make_scorer(labelled, engine, cache=cache)
+        assert again.score_with_divergence(candidates, "full", spread=True) == triples
+        assert again.scorings_run == 0

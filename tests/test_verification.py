@@ -23,6 +23,19 @@ def test_noise_matches_binomial_sampling():
     assert np.std(loss_full - loss_search) == pytest.approx(noise.sd_full(q * 100), rel=0.06)
 
 
+def test_noise_from_a_tuples_own_spread():
+    """A tuple that flips samples both ways has a larger error than the floor: net loss 26 of
+    2,000 samples from 32 lost and 6 gained (spread 38 / 2,000)."""
+    noise = SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0)
+    frac, spread = 26 / 2000, 38 / 2000
+    assert noise.variance(frac * 100, spread) == pytest.approx(spread - frac**2)
+    assert noise.sd_full(frac * 100, spread) > noise.sd_full(frac * 100)
+    assert noise.pass_probability(1.3, 1.0, spread) > noise.pass_probability(1.3, 1.0)
+    before = noise.edge_target(1.0)
+    noise.calibrate([(1.3, spread), (0.8, 28 / 2000), (0.0, 0.001)])  # spread per loss: 1.46, 1.75
+    assert noise.spread_ratio == pytest.approx(1.75) and noise.edge_target(1.0) > before
+
+
 def test_pass_probability_and_edge_target():
     noise = SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0)
     assert noise.pass_probability(1.0, 1.0) == pytest.approx(0.5)
