@@ -338,7 +338,8 @@ def _best_message(ctx: SearchContext) -> str:
     if not feasible:
         return "no tuple within budget yet"
     best = feasible[0]
-    return f"best {ctx.ratio(best):.1f}x at {ctx.known(best):.2f}"
+    band = " (edge band)" if ctx.target > ctx.budget + 1e-9 else ""
+    return f"best {ctx.ratio(best):.1f}x at {ctx.known(best):.2f}{band}"
 
 
 # ---------------------------------------------------------------------------------------
