@@ -58,6 +58,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from onnxws.errors import InputError, UsageError
+from onnxws.loading import fits_in_one_message
 from onnxws.sharing import SharedWeight
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ EXPAND_OPSET = 8
 MIN_OPSET = 6  # Cast with an integer ``to`` attribute
 _NATIVE = {8: ("UINT8", 1), 4: ("UINT4", UINT4_OPSET), 2: ("UINT2", UINT2_OPSET)}
 _ML_DTYPES = {"UINT4": ml_dtypes.uint4, "UINT2": ml_dtypes.uint2}
-_PROTOBUF_LIMIT = 2**31 - 1
 _LIGHT_MIN_BYTES = 1024  # larger initializers are swapped out while converting; shapes, axes, pads stay inline for the adapters
 _PLACEHOLDER = "onnxws-placeholder"  # external-data location of swapped-out tensors (never read from disk)
 _VERIFY_RTOL, _VERIFY_ATOL = 1e-5, 1e-6
@@ -919,7 +919,8 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
                 notes.append(f"{width}-bit indices of {count} tensor(s) stored in {layout} ({why}): "
                              f"{100 * (spent - width) / spent:.1f}% of their index bytes are padding")
     external = any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer)
-    if not external and work.ByteSize() < _PROTOBUF_LIMIT:  # the checker resolves external files from the cwd
+    # The checker resolves external files from the cwd; over 2 GB the caller checks a light copy (loading.check_model).
+    if not external and fits_in_one_message(work):
         onnx.checker.check_model(work)
     logger.info("encoded %d weights at opset %d: %s", len(encoded), target,
                 dict(Counter(t.index_dtype for t in encoded)))

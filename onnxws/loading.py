@@ -167,6 +167,27 @@ def fits_in_one_message(model: onnx.ModelProto) -> bool:
     return True
 
 
+def message_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of ``model``'s serialisation, without ``ByteSize()`` on a model over the protobuf limit.
+
+    Over the limit it is the size of a light copy plus its swapped-out payloads and their field
+    headers: exact up to the length prefixes of the enclosing messages (a few bytes).
+    """
+    if fits_in_one_message(model):
+        try:
+            return model.ByteSize()
+        except EncodeError:
+            pass
+    light, swapped = _light_copy(model, _swap_raw(_SWAP_MIN_BYTES))
+    payloads = sum(payload_bytes(source) for source, _ in swapped)
+    headers = sum(1 + _varint_bytes(payload_bytes(source)) for source, _ in swapped)  # raw_data tag + length
+    return light.ByteSize() + payloads + headers
+
+
+def _varint_bytes(n: int) -> int:
+    return max(1, -(-n.bit_length() // 7))
+
+
 def _is_repeated(field) -> bool:
     flag = getattr(field, "is_repeated", None)  # protobuf >= 5; FieldDescriptor.label is gone in 7
     return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
@@ -227,6 +248,19 @@ def _copy_tensor_header(source: TensorProto, target: TensorProto) -> None:
                 getattr(target, field.name).CopyFrom(getattr(source, field.name))
             else:
                 setattr(target, field.name, getattr(source, field.name))
+
+
+def _copy_fields(source, target, skip: frozenset[str] = frozenset()) -> None:
+    """Copy every set field of protobuf message ``source`` into ``target``, except those named in ``skip``."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if _is_repeated(field):
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def _set_external(tensor: TensorProto, location: str, offset: int, length: int) -> None:

@@ -30,7 +30,7 @@ from onnxws.encoding import EncodeResult, decoded_weights, encode_model, model_w
 from onnxws.errors import BudgetError, InputError, NothingToShareError, VerificationError
 from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_unit, within_budget
 from onnxws.layer_search import choose_granularities, layer_sensitivity
-from onnxws.loading import check_model, load_model, model_sha256
+from onnxws.loading import check_model, load_model, message_bytes, model_sha256
 from onnxws.metrics import resolve_metric
 from onnxws.network_search import (
     exhaustive_continue,
@@ -138,7 +138,7 @@ def compress(
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
         check_model(proto)
-        bytes_before = proto.ByteSize()
+        bytes_before = message_bytes(proto)  # ByteSize() raises over 2 GB
     else:
         raise InputError(f"model must be a path or onnx.ModelProto, got {type(model).__name__}")
     if data is None:
@@ -417,7 +417,7 @@ def _build_report(*, proto, model_path, data_path, eval_data: EvalData, metric: 
     ratio_whole = all_bits / max(all_bits - shared_full_bits + shared_stored_bits, 1)
     weight_bytes_after = model_weight_bytes(encoded.model)
     packing = (all_bits / 8 / max(weight_bytes_after, 1)) / ratio_whole
-    bytes_after = encoded.model.ByteSize()
+    bytes_after = message_bytes(encoded.model)
     stored_total = sum(t.stored_bytes for t in encoded.tensors) or 1
 
     layers = []
