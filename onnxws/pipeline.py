@@ -51,6 +51,8 @@ TRUST_TOLERANCE_PP = 0.1
 # Full-set misses after which the search stops aiming lower and steps back instead.
 MAX_ROUNDS = 4
 STEP_BACK_TRIES = 4
+# The emitted model's rebuilt weights are checked in batches of at most this many decoded bytes.
+CHECK_BATCH_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -191,7 +193,9 @@ def compress(
                     search_samples=config.search_samples, batch_size=config.batch_size, cache=score_cache)
     try:
         def evaluate(tuples: list[dict[str, int]], subset: str) -> list[tuple[float, float]]:
-            candidates = [{name: shares[name][k].decode() for name, k in tup.items()} for tup in tuples]
+            # Decoded one candidate at a time as the scorer reaches it: a request of n whole-model
+            # tuples would otherwise hold n decoded copies of the weights at once.
+            candidates = ({name: shares[name][k].decode() for name, k in tup.items()} for tup in tuples)
             return scorer.score_with_divergence(candidates, subset)
 
         baseline = {"search": scorer.baseline_search, "full": scorer.baseline_full}
@@ -204,7 +208,7 @@ def compress(
         t0 = time.perf_counter()
         if variants:
             def score_variants(requests: list[tuple[str, str, int]]) -> list[tuple[float, float]]:
-                return scorer.score_with_divergence([{name: variants[name][g][1][k].decode()} for name, g, k in requests])
+                return scorer.score_with_divergence({name: variants[name][g][1][k].decode()} for name, g, k in requests)
 
             picked = choose_granularities(ctx, {name: {g: opts for g, (opts, _) in by_g.items()}
                                                 for name, by_g in variants.items()}, score_variants)
@@ -240,7 +244,11 @@ def compress(
         t0 = time.perf_counter()
         notify("emit", 0, 1, f"{ctx.ratio(chosen):.1f}x")
         shared = [shares[name][k] for name, k in chosen.items()]
-        encoded = encode_model(proto, shared, opset=config.opset)
+        # Only the chosen codebooks and indices are needed from here on (the report reads those).
+        shares = {name: {k: shares[name][k]} for name, k in chosen.items()}
+        variants.clear()
+        encoded = encode_model(proto, shared, opset=config.opset, values=scorer.originals)
+        scorer.close()  # its copy of the weights and sessions: the emitted model is measured on its own
         check_model(encoded.model, "emitted model")
         _check_rebuilt_weights(encoded, shared)
         emitted_value = evaluate_model(encoded.model, eval_data, metric, device=config.device,
@@ -383,14 +391,28 @@ def _search_and_verify(ctx: SearchContext, config: CompressConfig, uniform_tuple
 
 
 def _check_rebuilt_weights(encoded: EncodeResult, shared: list[SharedWeight]) -> None:
-    rebuilt = decoded_weights(encoded.model, [sw.name for sw in shared])
+    """Every shared weight rebuilt by the emitted graph (in ORT) equals the decoded weight that was
+    scored, bit for bit. Rebuilt in batches of at most CHECK_BATCH_BYTES of decoded weights, so a
+    large model is never decoded whole."""
+    batches: list[list[SharedWeight]] = []
+    size = CHECK_BATCH_BYTES
     for sw in shared:
-        expected = sw.decode()
-        got = rebuilt[sw.name]
-        if got.shape != expected.shape or got.dtype != expected.dtype or not np.array_equal(
-            got.view(np.uint8), expected.view(np.uint8)
-        ):
-            raise VerificationError(f"the emitted graph rebuilds {sw.name} differently from the weights that were scored")
+        nbytes = sw.params * sw.codebooks.dtype.itemsize
+        if size + nbytes > CHECK_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(sw)
+        size += nbytes
+    for batch in batches:
+        rebuilt = decoded_weights(encoded.model, [sw.name for sw in batch])
+        for sw in batch:
+            expected = sw.decode()
+            got = rebuilt.pop(sw.name)
+            if got.shape != expected.shape or got.dtype != expected.dtype or not np.array_equal(
+                got.view(np.uint8), expected.view(np.uint8)
+            ):
+                raise VerificationError(f"the emitted graph rebuilds {sw.name} differently from the weights that were scored")
+            del got, expected
 
 
 def _versions() -> dict[str, str]:

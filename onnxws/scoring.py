@@ -36,7 +36,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -676,12 +676,13 @@ class Scorer:
         """
         return [value for value, _ in self.score_with_divergence(candidates, subset)]
 
-    def score_with_divergence(self, candidates: Sequence[Mapping[str, np.ndarray]],
+    def score_with_divergence(self, candidates: Iterable[Mapping[str, np.ndarray]],
                               subset: str = "search") -> list[tuple[float, float]]:
         """Like ``score``, with each candidate's output divergence from the unmodified model
         (``metrics.output_divergence`` over the metric's output, or all outputs for a custom
         metric): ``[(metric value, divergence), ...]``. Both come from the same run and are
-        cached together."""
+        cached together. ``candidates`` may be a generator: each is used and dropped before the
+        next is drawn, so decoding them lazily keeps one candidate in memory at a time."""
         self._check_subset(subset)
         results: list[tuple[float, float]] = []
         for candidate in candidates:
@@ -708,6 +709,7 @@ class Scorer:
             self._memo[key] = result
             self.scorings += 1
             results.append(result)
+            del candidate  # before the generator decodes the next one
         return results
 
     def outputs(self, candidate: Mapping[str, np.ndarray], subset: str = "full") -> list[np.ndarray]:
@@ -736,8 +738,12 @@ class Scorer:
         return hashlib.sha256("|".join([self._key_prefix[subset], *parts]).encode()).hexdigest()
 
     def close(self) -> None:
-        """Release the ORT sessions and cached activations (the cache belongs to the caller)."""
+        """Release the ORT sessions, cached activations and the copy of the weights (the cache
+        belongs to the caller). Baselines, reference outputs and counters stay readable; scoring
+        after ``close`` raises."""
         self._engine.close()
+        self._prepared.stored = {}
+        self._originals = {}
         if self._hasher is not None:
             self._hasher.shutdown()
             self._hasher = None

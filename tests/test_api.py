@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from typer.testing import CliRunner
 
 import onnxws
@@ -75,3 +76,28 @@ def test_granularity_auto_picks_channel_codebooks_for_per_channel_scales(tmp_pat
     assert result.report["final"]["loss"] <= 1.0
     folder = result.save(tmp_path / "m.onnx")
     assert 'granularity = "auto"' in (folder / "config.toml").read_text()
+
+
+def test_rebuilt_weights_are_checked_in_small_batches(monkeypatch):
+    """With a tiny batch every weight is rebuilt on its own: same result, and a mismatch is caught."""
+    import onnxws.pipeline as pipeline
+    from onnxws.encoding import encode_model
+    from onnxws.errors import VerificationError
+    from onnxws.sharing import SharedWeight
+
+    from graphs import lenet_like
+
+    model = lenet_like(seed=3)
+    rng = np.random.default_rng(0)
+    shared = [SharedWeight(n, np.sort(rng.normal(size=(1, 4))).astype(np.float32), rng.integers(0, 4, s).astype(np.uint8))
+              for n, s in (("conv.W", (4, 1, 3, 3)), ("fc.W", (10, 144)))]
+    encoded = encode_model(model, shared)
+    calls = []
+    real = pipeline.decoded_weights
+    monkeypatch.setattr(pipeline, "decoded_weights", lambda m, names: calls.append(list(names)) or real(m, names))
+    monkeypatch.setattr(pipeline, "CHECK_BATCH_BYTES", 1)
+    pipeline._check_rebuilt_weights(encoded, shared)
+    assert calls == [["conv.W"], ["fc.W"]]
+    wrong = SharedWeight("fc.W", shared[1].codebooks[:, ::-1].copy(), shared[1].indices)
+    with pytest.raises(VerificationError, match="fc.W"):
+        pipeline._check_rebuilt_weights(encoded, [shared[0], wrong])

@@ -447,3 +447,19 @@ def test_model_without_an_ai_onnx_import_gets_one():
     assert any("no ai.onnx opset" in n for n in encoded.notes)
     onnx.checker.check_model(encoded.model, full_check=True)
     assert _run(encoded.model, {})[0].tobytes() == sw.decode().tobytes()
+
+
+@pytest.mark.parametrize("opset", [17, 21])  # raised (4-bit indices want UINT4) and kept
+def test_encoding_with_values_in_memory_gives_the_same_bytes(opset):
+    """``values`` (arrays already in memory, e.g. the scorer's) only replace a second decoded copy
+    for the opset check: same model bytes. The shared initializers' payloads are never copied."""
+    model = _three_weight_model(opset)
+    shared = [_shared("conv.W", (5, 3, 3, 3), 16), _shared("fc.W", (10, 180), 8, seed=1)]
+    plain = encode_model(model, shared)
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    given = encode_model(model, shared, values=values)
+    assert given.model.SerializeToString(deterministic=True) == plain.model.SerializeToString(deterministic=True)
+    assert given.notes == plain.notes and given.opset == plain.opset
+    names = {t.name for t in given.model.graph.initializer}
+    assert "conv.W" not in names and "fc.W" not in names and "head.W" in names
+    assert model.graph.initializer[0].HasField("raw_data")  # the input is untouched
