@@ -58,7 +58,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from onnxws.errors import InputError, UsageError
-from onnxws.loading import _copy_fields, _copy_tensor_header, fits_in_one_message
+from onnxws.loading import _copy_fields, _copy_tensor_header, fits_in_one_message, with_payloads
 from onnxws.sharing import SharedWeight
 
 logger = logging.getLogger(__name__)
@@ -530,7 +530,8 @@ def _min_ir_version(opset: int) -> int:
 
 
 def _restore_payloads(light: onnx.ModelProto, swapped: dict[str, TensorProto],
-                      keep_light: frozenset[str] = frozenset()) -> onnx.ModelProto:
+                      keep_light: frozenset[str] = frozenset(),
+                      values: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """Swap the real tensors back in for the placeholders (in place), except those named in
     ``keep_light`` (weights about to be replaced: copying their payloads would only fill memory);
     returns ``light``."""
@@ -542,10 +543,11 @@ def _restore_payloads(light: onnx.ModelProto, swapped: dict[str, TensorProto],
             e.key == "location" and e.value == _PLACEHOLDER for e in tensor.external_data
         ):
             tensor.CopyFrom(original)
+            with_payloads(tensor, values or {})  # the original itself may be a header (loading.without_payloads)
     return light
 
 
-def _copy_without(model: onnx.ModelProto, names: frozenset[str]) -> onnx.ModelProto:
+def _copy_without(model: onnx.ModelProto, names: frozenset[str], values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` in which the main-graph initializers named in ``names`` keep only their
     header (name, type, shape, metadata): they are about to be replaced, and a full copy whose
     payloads were deleted afterwards would keep them in memory (upb frees a message as a whole)."""
@@ -557,6 +559,7 @@ def _copy_without(model: onnx.ModelProto, names: frozenset[str]) -> onnx.ModelPr
             _copy_tensor_header(tensor, work.graph.initializer.add())
         else:
             work.graph.initializer.append(tensor)
+            with_payloads(work.graph.initializer[-1], values)
     return work
 
 
@@ -621,7 +624,7 @@ class _OpsetRaiser:
         how = "outputs verified equal in ORT on random inputs"
         if detail:
             how += f" (within rtol {_VERIFY_RTOL:g}, atol {_VERIFY_ATOL:g}: {detail})"
-        return _restore_payloads(merged, self.swapped, self.keep_light), how
+        return _restore_payloads(merged, self.swapped, self.keep_light, self.values), how
 
 
 # --------------------------------------------------------------------------------------------
@@ -850,7 +853,8 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
             wider native type).
         values: arrays of main-graph initializers already in memory (e.g. the scorer's originals),
             used instead of decoding a second copy of their payloads to check an opset raise;
-            read only, and only where dtype and shape match.
+            read only, and only where dtype and shape match. Initializers of ``model`` left
+            without payload by ``loading.without_payloads`` get theirs back from it.
 
     The new model never holds the payloads of the shared initializers (only their headers until
     they are replaced), so encoding costs about one copy of the *unshared* tensors, not of the model.
@@ -915,7 +919,7 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
         raise InputError(f"the model's opset {current} is older than {MIN_OPSET} and could not be raised; "
                          "convert it with onnx.version_converter.convert_version(model, 13) first")
     if work is None:
-        work = _copy_without(model, frozenset(names))
+        work = _copy_without(model, frozenset(names), values or {})
     if current == 0:
         work.opset_import.append(helper.make_opsetid("", target))
 

@@ -30,7 +30,7 @@ from onnxws.encoding import EncodeResult, decoded_weights, encode_model, model_w
 from onnxws.errors import BudgetError, InputError, NothingToShareError, VerificationError
 from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_unit, within_budget
 from onnxws.layer_search import choose_granularities, layer_sensitivity
-from onnxws.loading import check_model, load_model, message_bytes, model_sha256
+from onnxws.loading import check_model, load_model, message_bytes, model_sha256, without_payloads
 from onnxws.metrics import resolve_metric
 from onnxws.network_search import (
     exhaustive_continue,
@@ -153,6 +153,7 @@ def compress(
     tensors = constant_tensors(proto)
     op_types = {node.op_type for node in proto.graph.node}
     config.check_patterns(list(tensors), op_types)
+    del tensors  # sub-messages of proto: they would keep its memory alive once proto is replaced
     discovery = find_weights(proto, config.settings_for)
     if not discovery.weights:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in discovery.skipped[:3]) or "no float constant tensors"
@@ -183,6 +184,7 @@ def compress(
                 layers.append(Layer(info.name, info.params, info.params * cb_bits, options_))
             if len(kinds) > 1:
                 variants.setdefault(info.name, {})[granularity.kind] = (options_, by_k)
+        del values
     notify("cluster", len(discovery.weights), len(discovery.weights), "done")
     timings["cluster"] = time.perf_counter() - t0
 
@@ -192,6 +194,12 @@ def compress(
     scorer = Scorer(proto, [w.name for w in discovery.weights], eval_data, metric, device=config.device,
                     search_samples=config.search_samples, batch_size=config.batch_size, cache=score_cache)
     try:
+        # From here on the scorer holds the weights (as arrays): the model keeps only their headers,
+        # and encoding puts the identical bytes back for the weights that stay unshared. Its hash
+        # (for the report) is taken first.
+        model_hash = model_sha256(proto)
+        proto, _ = without_payloads(proto, scorer.originals)
+
         def evaluate(tuples: list[dict[str, int]], subset: str) -> list[tuple[float, float]]:
             # Decoded one candidate at a time as the scorer reaches it: a request of n whole-model
             # tuples would otherwise hold n decoded copies of the weights at once.
@@ -268,7 +276,7 @@ def compress(
         timings["total"] = time.perf_counter() - t_total
 
         report = _build_report(
-            proto=proto, model_path=model_path, data_path=data_path, eval_data=eval_data, metric=metric.name,
+            proto=proto, model_hash=model_hash, model_path=model_path, data_path=data_path, eval_data=eval_data, metric=metric.name,
             scorer=scorer, ctx=ctx, config=config, discovery=discovery, shares=shares, chosen=chosen,
             encoded=encoded, emitted_value=emitted_value, scorer_value=scorer_value, final_loss=final_loss,
             bytes_before=bytes_before, timings=timings, outcome=outcome, uniform=(uniform_tuple, uniform_full, uniform_tried),
@@ -422,7 +430,7 @@ def _versions() -> dict[str, str]:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _build_report(*, proto, model_path, data_path, eval_data: EvalData, metric: str, scorer: Scorer,
+def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: EvalData, metric: str, scorer: Scorer,
                   ctx: SearchContext, config: CompressConfig, discovery: Discovery, shares, chosen,
                   encoded: EncodeResult, emitted_value: float, scorer_value: float, final_loss: float,
                   bytes_before: int, timings: dict, outcome, uniform, proxy_stats, verify_log) -> dict:
@@ -482,7 +490,7 @@ def _build_report(*, proto, model_path, data_path, eval_data: EvalData, metric: 
     report = {
         "onnxws_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model": {"path": str(model_path) if model_path else None, "sha256": model_sha256(proto),
+        "model": {"path": str(model_path) if model_path else None, "sha256": model_hash,
                   "opset": _opset(proto), "params_total": int(all_bits // 32),
                   "params_shared": int(sum(info_by_name[n].params for n in chosen))},
         "data": {"path": data_path, "n_full": scorer.n_full, "n_search": scorer.n_search,

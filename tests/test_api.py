@@ -101,3 +101,20 @@ def test_rebuilt_weights_are_checked_in_small_batches(monkeypatch):
     wrong = SharedWeight("fc.W", shared[1].codebooks[:, ::-1].copy(), shared[1].indices)
     with pytest.raises(VerificationError, match="fc.W"):
         pipeline._check_rebuilt_weights(encoded, [shared[0], wrong])
+
+
+def test_dropping_the_models_weight_payloads_changes_nothing(monkeypatch):
+    """compress drops the model's copy of the weights once the scorer holds them (from 1 MiB by
+    default): with the threshold lowered so that lenet_like's fc.W is dropped, same model bytes."""
+    import onnxws.loading as loading
+    from graphs import labelled_data, lenet_like
+
+    model = lenet_like(seed=2)
+    data = labelled_data(model, n=300)
+    config = onnxws.CompressConfig.from_dict({"global": {"min_params": 16}})
+    plain = onnxws.compress(model, data, loss=2.0, cache=False, search_samples=300, config=config)
+    monkeypatch.setattr(loading, "_DROP_MIN_BYTES", 1024)
+    dropped = onnxws.compress(model, data, loss=2.0, cache=False, search_samples=300, config=config)
+    assert dropped.model.SerializeToString(deterministic=True) == plain.model.SerializeToString(deterministic=True)
+    assert dropped.report["model"]["sha256"] == plain.report["model"]["sha256"]
+    assert dropped.report["compression"] == plain.report["compression"]
