@@ -16,6 +16,7 @@ sub-problems of one recursion depth.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ MAX_K = 256
 EXACT_POINTS = 4096
 LLOYD_ITERATIONS = 20
 FINE_BINS = 65536
+FINISH_CHUNK = 1 << 20  # values labelled per step in compact mode
 
 
 def _validate(values: np.ndarray, ks: Sequence[int]) -> np.ndarray:
@@ -149,20 +151,46 @@ def _lloyd(points: np.ndarray, weights: np.ndarray, centroids: np.ndarray, itera
     return centroids
 
 
-def _finish(flat: np.ndarray, centroids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Labels by nearest centroid, exact means, inertia; codebook padded to k entries."""
+def _finish(flat: np.ndarray, centroids: np.ndarray, k: int, *, compact: bool = False
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Labels by nearest centroid, exact means, inertia; codebook padded to k entries.
+
+    ``compact``: uint8 labels made in chunks of FINISH_CHUNK values and no inertia (NaN), for
+    callers that measure the error themselves (share_weight_all_k): the same labels and
+    codebook bit for bit at ~1/4 of the memory (int64 labels and their temporaries cost
+    8 bytes per value each: 24-40 bytes per weight on a large tensor).
+    """
     centroids = np.unique(centroids)
-    labels = np.searchsorted((centroids[1:] + centroids[:-1]) / 2.0, flat) if len(centroids) > 1 else np.zeros(len(flat), np.int64)
-    counts = np.bincount(labels, minlength=len(centroids))
-    sums = np.bincount(labels, weights=flat, minlength=len(centroids))
+    bounds = (centroids[1:] + centroids[:-1]) / 2.0
+    if compact:
+        labels = np.empty(len(flat), dtype=np.uint8)  # k <= 256
+        counts = np.zeros(len(centroids), dtype=np.int64)
+        sums = np.zeros(len(centroids))
+        for start in range(0, len(flat), FINISH_CHUNK):
+            part = flat[start:start + FINISH_CHUNK]
+            ids = np.searchsorted(bounds, part) if len(centroids) > 1 else np.zeros(len(part), np.int64)
+            labels[start:start + FINISH_CHUNK] = ids
+            counts += np.bincount(ids, minlength=len(centroids))
+            np.add.at(sums, ids, part)  # in value order, as bincount adds: the same sums bit for bit
+    else:
+        labels = np.searchsorted(bounds, flat) if len(centroids) > 1 else np.zeros(len(flat), np.int64)
+        counts = np.bincount(labels, minlength=len(centroids))
+        sums = np.bincount(labels, weights=flat, minlength=len(centroids))
     used = counts > 0
     centroids = (sums[used] / counts[used])
     remap = np.cumsum(used) - 1
-    labels = remap[labels]
-    inertia = float(np.sum((flat - centroids[labels]) ** 2))
+    if compact:
+        if not used.all():  # an empty cluster was dropped: renumber the labels above it
+            narrow = remap.astype(np.uint8)
+            for start in range(0, len(labels), FINISH_CHUNK):
+                labels[start:start + FINISH_CHUNK] = narrow[labels[start:start + FINISH_CHUNK]]
+        inertia = math.nan
+    else:
+        labels = remap[labels]
+        inertia = float(np.sum((flat - centroids[labels]) ** 2))
     if len(centroids) < k:  # fewer distinct values than k: repeat the last centroid (never read by labels)
         centroids = np.concatenate([centroids, np.full(k - len(centroids), centroids[-1])])
-    return centroids, labels.astype(np.int64), inertia
+    return centroids, labels if compact else labels.astype(np.int64), inertia
 
 
 def cluster_sizes(values: np.ndarray, ks: Sequence[int], *, n_bins: int = EXACT_POINTS
@@ -186,9 +214,12 @@ def cluster_sizes(values: np.ndarray, ks: Sequence[int], *, n_bins: int = EXACT_
     return cluster_groups([values], ks, n_bins=n_bins)[0]
 
 
-def cluster_groups(groups: Sequence[np.ndarray], ks: Sequence[int], *, n_bins: int = EXACT_POINTS
-                   ) -> list[dict[int, tuple[np.ndarray, np.ndarray, float]]]:
-    """``cluster_sizes`` for several independent arrays (e.g. the channels of one tensor) at once."""
+def cluster_groups(groups: Sequence[np.ndarray], ks: Sequence[int], *, n_bins: int = EXACT_POINTS,
+                   compact: bool = False) -> list[dict[int, tuple[np.ndarray, np.ndarray, float]]]:
+    """``cluster_sizes`` for several independent arrays (e.g. the channels of one tensor) at once.
+
+    ``compact``: uint8 labels and NaN inertia (see ``_finish``); codebooks and labels unchanged.
+    """
     ks = sorted({int(k) for k in ks})
     flats = [_validate(values, ks) for values in groups]
     points, fine, exact = [], [], []
@@ -199,10 +230,13 @@ def cluster_groups(groups: Sequence[np.ndarray], ks: Sequence[int], *, n_bins: i
             fine.append(None)
             exact.append(True)
         else:
-            pos, weight, _ = _bins(np.sort(flat, kind="stable"), n_bins)
+            del distinct, counts  # as large as the tensor: free them before sorting it
+            ordered = np.sort(flat, kind="stable")
+            pos, weight, _ = _bins(ordered, n_bins)
             points.append((pos, weight))
             # Lloyd refines on a fine histogram of the raw values (65,536 bins), not on every value.
-            fpos, fweight, _ = _bins(np.sort(flat, kind="stable"), FINE_BINS)
+            fpos, fweight, _ = _bins(ordered, FINE_BINS)
+            del ordered
             fine.append((fpos, fweight))
             exact.append(False)
     opts, bases = _dp_split_tables(points, max(ks))
@@ -220,7 +254,7 @@ def cluster_groups(groups: Sequence[np.ndarray], ks: Sequence[int], *, n_bins: i
             centroids = (S[ends] - S[starts]) / (W[ends] - W[starts])
             if not exact[g]:
                 centroids = _lloyd(fine[g][0], fine[g][1], np.sort(centroids), LLOYD_ITERATIONS)
-            out[k] = _finish(flat, np.sort(centroids), k)
+            out[k] = _finish(flat, np.sort(centroids), k, compact=compact)
         results.append(out)
     return results
 
@@ -275,17 +309,23 @@ def share_weight_all_k(name: str, values: np.ndarray, ks: Sequence[int], granula
     books = {k: np.empty((len(groups), k), dtype=values.dtype) for k in ks}
     indices = {k: np.empty(values.shape, dtype=np.uint8) for k in ks}
     parts = [values[index] for index in groups]
-    for g, (index, part, result) in enumerate(zip(groups, parts, cluster_groups(parts, ks, n_bins=n_bins))):
-        for k, (codebook, labels, _) in result.items():
+    results = cluster_groups(parts, ks, n_bins=n_bins, compact=True)
+    for g, (index, part) in enumerate(zip(groups, parts)):
+        for k, (codebook, labels, _) in results[g].items():
             books[k][g] = codebook.astype(values.dtype)
-            indices[k][index] = labels.reshape(part.shape).astype(np.uint8)
-    original = values.astype(np.float64)
+            indices[k][index] = labels.reshape(part.shape)
+        results[g] = {}  # its labels are copied: free them
     out = {}
     size = 1 if granularity.kind == "channel" else granularity.group_size
     for k in ks:
         sw = SharedWeight(name, books[k], indices[k], channel_axis=channel_axis % max(values.ndim, 1),
                           group_size=size if granularity.kind != "tensor" else 1, granularity=granularity)
-        inertia = float(np.sum((sw.decode().astype(np.float64) - original) ** 2))
+        # sum((decoded - original)^2) in float64 (float32 -> float64 is exact), in place.
+        error = sw.decode().astype(np.float64)
+        np.subtract(error, values, out=error)
+        np.square(error, out=error)
+        inertia = float(np.sum(error))
+        del error
         out[k] = SharedWeight(sw.name, sw.codebooks, sw.indices, sw.channel_axis, sw.group_size, granularity, inertia)
     return out
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -58,6 +58,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from onnxws.errors import InputError, UsageError
+from onnxws.loading import _copy_fields, _copy_tensor_header, fits_in_one_message, with_payloads
 from onnxws.sharing import SharedWeight
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ EXPAND_OPSET = 8
 MIN_OPSET = 6  # Cast with an integer ``to`` attribute
 _NATIVE = {8: ("UINT8", 1), 4: ("UINT4", UINT4_OPSET), 2: ("UINT2", UINT2_OPSET)}
 _ML_DTYPES = {"UINT4": ml_dtypes.uint4, "UINT2": ml_dtypes.uint2}
-_PROTOBUF_LIMIT = 2**31 - 1
 _LIGHT_MIN_BYTES = 1024  # larger initializers are swapped out while converting; shapes, axes, pads stay inline for the adapters
 _PLACEHOLDER = "onnxws-placeholder"  # external-data location of swapped-out tensors (never read from disk)
 _VERIFY_RTOL, _VERIFY_ATOL = 1e-5, 1e-6
@@ -529,15 +529,38 @@ def _min_ir_version(opset: int) -> int:
         return 0
 
 
-def _restore_payloads(light: onnx.ModelProto, swapped: dict[str, TensorProto]) -> onnx.ModelProto:
-    """Swap the real tensors back in for the placeholders (in place); returns ``light``."""
+def _restore_payloads(light: onnx.ModelProto, swapped: dict[str, TensorProto],
+                      keep_light: frozenset[str] = frozenset(),
+                      values: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """Swap the real tensors back in for the placeholders (in place), except those named in
+    ``keep_light`` (weights about to be replaced: copying their payloads would only fill memory);
+    returns ``light``."""
     for tensor in light.graph.initializer:
+        if tensor.name in keep_light:
+            continue
         original = swapped.get(tensor.name)
         if original is not None and tensor.data_location == TensorProto.EXTERNAL and any(
             e.key == "location" and e.value == _PLACEHOLDER for e in tensor.external_data
         ):
             tensor.CopyFrom(original)
+            with_payloads(tensor, values or {})  # the original itself may be a header (loading.without_payloads)
     return light
+
+
+def _copy_without(model: onnx.ModelProto, names: frozenset[str], values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` in which the main-graph initializers named in ``names`` keep only their
+    header (name, type, shape, metadata): they are about to be replaced, and a full copy whose
+    payloads were deleted afterwards would keep them in memory (upb frees a message as a whole)."""
+    work = onnx.ModelProto()
+    _copy_fields(model, work, skip=frozenset({"graph"}))
+    _copy_fields(model.graph, work.graph, skip=frozenset({"initializer"}))
+    for tensor in model.graph.initializer:
+        if tensor.name in names:
+            _copy_tensor_header(tensor, work.graph.initializer.add())
+        else:
+            work.graph.initializer.append(tensor)
+            with_payloads(work.graph.initializer[-1], values)
+    return work
 
 
 class _OpsetRaiser:
@@ -547,8 +570,11 @@ class _OpsetRaiser:
     target tried.
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, values: Mapping[str, np.ndarray] | None = None,
+                 keep_light: frozenset[str] = frozenset()) -> None:
         self.model = model
+        self.values = values or {}
+        self.keep_light = keep_light
         self.light, self.swapped = _light_copy(model)
         self._arrays: dict[str, np.ndarray] | None = None
         self._feeds: dict[str, np.ndarray] | None = None
@@ -557,8 +583,16 @@ class _OpsetRaiser:
     def _prepare_reference(self) -> None:
         if self._reference is None:
             self._feeds = _random_feeds(self.model)
-            self._arrays = {n: np.ascontiguousarray(numpy_helper.to_array(t)) for n, t in self.swapped.items()}
+            self._arrays = {n: self._value(n, t) for n, t in self.swapped.items()}
             self._reference = _run_light(self.light, self.swapped, self._arrays, self._feeds)
+
+    def _value(self, name: str, tensor: TensorProto) -> np.ndarray:
+        """The tensor's values: the caller's array when it matches the tensor, else decoded (a copy)."""
+        given = self.values.get(name)
+        if (given is not None and given.shape == tuple(tensor.dims) and given.flags.c_contiguous
+                and given.dtype == helper.tensor_dtype_to_np_dtype(tensor.data_type)):
+            return given
+        return np.ascontiguousarray(numpy_helper.to_array(tensor))
 
     def convert(self, target: int) -> tuple[onnx.ModelProto | None, str]:
         """(converted model, how it was verified) or (None, why it is not safe)."""
@@ -590,7 +624,7 @@ class _OpsetRaiser:
         how = "outputs verified equal in ORT on random inputs"
         if detail:
             how += f" (within rtol {_VERIFY_RTOL:g}, atol {_VERIFY_ATOL:g}: {detail})"
-        return _restore_payloads(merged, self.swapped), how
+        return _restore_payloads(merged, self.swapped, self.keep_light, self.values), how
 
 
 # --------------------------------------------------------------------------------------------
@@ -804,7 +838,8 @@ def _check_matches(sw: SharedWeight, tensor: TensorProto) -> None:
 
 
 def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opset: int | None = None,
-                 raise_opset: bool = True, pack: bool = True) -> EncodeResult:
+                 raise_opset: bool = True, pack: bool = True,
+                 values: Mapping[str, np.ndarray] | None = None) -> EncodeResult:
     """Rewrite a copy of ``model`` so each shared weight is rebuilt in-graph from its codebook.
 
     Args:
@@ -816,6 +851,13 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
             ops); the conversion is kept only if ORT gives the same outputs on random inputs.
         pack: store widths without an exact native type as dense bit streams (else in the next
             wider native type).
+        values: arrays of main-graph initializers already in memory (e.g. the scorer's originals),
+            used instead of decoding a second copy of their payloads to check an opset raise;
+            read only, and only where dtype and shape match. Initializers of ``model`` left
+            without payload by ``loading.without_payloads`` get theirs back from it.
+
+    The new model never holds the payloads of the shared initializers (only their headers until
+    they are replaced), so encoding costs about one copy of the *unshared* tensors, not of the model.
 
     Returns:
         EncodeResult: new model, its opset, per-tensor layout and sizes, notes on the decisions.
@@ -854,7 +896,7 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
         target = opset if opset is not None else max([PACK_OPSET, *wants.values()])
         notes.append(f"the model imported no ai.onnx opset; opset {target} added for the decode nodes")
     elif targets:
-        raiser = _OpsetRaiser(model)
+        raiser = _OpsetRaiser(model, values, frozenset(names))
         for candidate in targets:
             converted, how = raiser.convert(candidate)
             if converted is not None:
@@ -877,8 +919,7 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
         raise InputError(f"the model's opset {current} is older than {MIN_OPSET} and could not be raised; "
                          "convert it with onnx.version_converter.convert_version(model, 13) first")
     if work is None:
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
+        work = _copy_without(model, frozenset(names), values or {})
     if current == 0:
         work.opset_import.append(helper.make_opsetid("", target))
 
@@ -919,7 +960,8 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
                 notes.append(f"{width}-bit indices of {count} tensor(s) stored in {layout} ({why}): "
                              f"{100 * (spent - width) / spent:.1f}% of their index bytes are padding")
     external = any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer)
-    if not external and work.ByteSize() < _PROTOBUF_LIMIT:  # the checker resolves external files from the cwd
+    # The checker resolves external files from the cwd; over 2 GB the caller checks a light copy (loading.check_model).
+    if not external and fits_in_one_message(work):
         onnx.checker.check_model(work)
     logger.info("encoded %d weights at opset %d: %s", len(encoded), target,
                 dict(Counter(t.index_dtype for t in encoded)))

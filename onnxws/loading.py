@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,9 @@ _SWAP_MIN_BYTES = 1024
 # External data: payloads of at least _ALIGN_MIN_BYTES start at multiples of _ALIGN (ORT can memory-map them).
 _ALIGN = 1 << 16
 _ALIGN_MIN_BYTES = 1 << 20
+# without_payloads: smaller tensors keep their data (headers without data must never reach a checker or ORT
+# unswapped; encoding swaps out every initializer of >= 1 KiB before it converts or runs a model).
+_DROP_MIN_BYTES = 1 << 20
 _PLACEHOLDER = "onnxws-placeholder"  # location of payload-free tensors in light copies (an empty file, or none)
 _PAYLOAD_FIELDS = frozenset({"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
                              "uint64_data", "external_data", "data_location"})
@@ -167,6 +170,86 @@ def fits_in_one_message(model: onnx.ModelProto) -> bool:
     return True
 
 
+def message_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of ``model``'s serialisation, without ``ByteSize()`` on a model over the protobuf limit.
+
+    Over the limit it is the size of a light copy plus its swapped-out payloads and their field
+    headers: exact up to the length prefixes of the enclosing messages (a few bytes).
+    """
+    if fits_in_one_message(model):
+        try:
+            return model.ByteSize()
+        except EncodeError:
+            pass
+    light, swapped = _light_copy(model, _swap_raw(_SWAP_MIN_BYTES))
+    payloads = sum(payload_bytes(source) for source, _ in swapped)
+    headers = sum(1 + _varint_bytes(payload_bytes(source)) for source, _ in swapped)  # raw_data tag + length
+    return light.ByteSize() + payloads + headers
+
+
+def without_payloads(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], *, min_bytes: int | None = None
+                     ) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose main-graph initializers named in ``arrays`` of at least ``min_bytes``
+    keep only their header (no data field at all), where the array holds exactly their ``raw_data`` bytes.
+
+    Lets a caller that already holds the weights as arrays (the scorer) drop the model's own copy:
+    ``with_payloads`` puts the identical bytes back. Tensors stored otherwise (typed fields,
+    external, strings) or whose bytes differ are copied whole. The payloads are compared one
+    tensor at a time.
+
+    Args:
+        min_bytes: smallest payload dropped (default ``_DROP_MIN_BYTES``, 1 MiB; never below 1 KiB:
+            encoding swaps out initializers from 1 KiB before it runs a converter or ORT on a model).
+
+    Returns:
+        (copy, names of the initializers left without payload).
+    """
+    min_bytes = _DROP_MIN_BYTES if min_bytes is None else min_bytes
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip=frozenset({"graph"}))
+    _copy_fields(model.graph, light.graph, skip=frozenset({"initializer"}))
+    dropped = []
+    for tensor in model.graph.initializer:
+        array = arrays.get(tensor.name)
+        if array is not None and array.nbytes >= min_bytes and _same_raw(tensor, array):
+            _copy_tensor_header(tensor, light.graph.initializer.add())
+            dropped.append(tensor.name)
+        else:
+            light.graph.initializer.append(tensor)
+    return light, dropped
+
+
+def _same_raw(tensor: TensorProto, array: np.ndarray) -> bool:
+    if tensor.data_location == TensorProto.EXTERNAL or not tensor.HasField("raw_data") or tensor.data_type in _SUB_BYTE_BITS:
+        return False
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, TypeError, ValueError):
+        return False
+    if array.dtype != dtype or tuple(array.shape) != tuple(tensor.dims) or dtype.byteorder == ">":
+        return False
+    raw = tensor.raw_data  # a copy of one tensor's bytes
+    return len(raw) == array.nbytes and np.array_equal(np.frombuffer(raw, np.uint8), np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def lacks_payload(tensor: TensorProto) -> bool:
+    """True for a tensor header left by ``without_payloads``: elements but no data field and not external."""
+    if tensor.data_location == TensorProto.EXTERNAL or math.prod(tensor.dims) == 0:
+        return False
+    return not any(tensor.HasField(f) if f == "raw_data" else len(getattr(tensor, f)) for f in
+                   ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"))
+
+
+def with_payloads(tensor: TensorProto, arrays: Mapping[str, np.ndarray]) -> None:
+    """Put the bytes of ``arrays[tensor.name]`` back into a header left by ``without_payloads`` (in place)."""
+    if lacks_payload(tensor) and tensor.name in arrays:
+        tensor.raw_data = np.ascontiguousarray(arrays[tensor.name]).tobytes()
+
+
+def _varint_bytes(n: int) -> int:
+    return max(1, -(-n.bit_length() // 7))
+
+
 def _is_repeated(field) -> bool:
     flag = getattr(field, "is_repeated", None)  # protobuf >= 5; FieldDescriptor.label is gone in 7
     return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
@@ -227,6 +310,19 @@ def _copy_tensor_header(source: TensorProto, target: TensorProto) -> None:
                 getattr(target, field.name).CopyFrom(getattr(source, field.name))
             else:
                 setattr(target, field.name, getattr(source, field.name))
+
+
+def _copy_fields(source, target, skip: frozenset[str] = frozenset()) -> None:
+    """Copy every set field of protobuf message ``source`` into ``target``, except those named in ``skip``."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if _is_repeated(field):
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def _set_external(tensor: TensorProto, location: str, offset: int, length: int) -> None:

@@ -30,7 +30,7 @@ from onnxws.encoding import EncodeResult, decoded_weights, encode_model, model_w
 from onnxws.errors import BudgetError, InputError, NothingToShareError, VerificationError
 from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_unit, within_budget
 from onnxws.layer_search import choose_granularities, layer_sensitivity
-from onnxws.loading import check_model, load_model, model_sha256
+from onnxws.loading import check_model, load_model, message_bytes, model_sha256, without_payloads
 from onnxws.metrics import TOP1_ACCURACY, TOP1_AGREEMENT, resolve_metric
 from onnxws.network_search import uniform_baseline
 from onnxws.scoring import Scorer, evaluate_model
@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int, str], None]
 # The emitted model's full-set metric must match the scorer's figure for the same tuple within this (pp).
 TRUST_TOLERANCE_PP = 0.1
+# The emitted model's rebuilt weights are checked in batches of at most this many decoded bytes.
+CHECK_BATCH_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -129,7 +131,7 @@ def compress(
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
         check_model(proto)
-        bytes_before = proto.ByteSize()
+        bytes_before = message_bytes(proto)  # ByteSize() raises over 2 GB
     else:
         raise InputError(f"model must be a path or onnx.ModelProto, got {type(model).__name__}")
     if data is None:
@@ -142,6 +144,7 @@ def compress(
     tensors = constant_tensors(proto)
     op_types = {node.op_type for node in proto.graph.node}
     config.check_patterns(list(tensors), op_types)
+    del tensors  # sub-messages of proto: they would keep its memory alive once proto is replaced
     discovery = find_weights(proto, config.settings_for)
     if not discovery.weights:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in discovery.skipped[:3]) or "no float constant tensors"
@@ -172,6 +175,7 @@ def compress(
                 layers.append(Layer(info.name, info.params, info.params * cb_bits, options_))
             if len(kinds) > 1:
                 variants.setdefault(info.name, {})[granularity.kind] = (options_, by_k)
+        del values
     notify("cluster", len(discovery.weights), len(discovery.weights), "done")
     timings["cluster"] = time.perf_counter() - t0
 
@@ -181,8 +185,16 @@ def compress(
     scorer = Scorer(proto, [w.name for w in discovery.weights], eval_data, metric, device=config.device,
                     search_samples=config.search_samples, batch_size=config.batch_size, cache=score_cache)
     try:
+        # From here on the scorer holds the weights (as arrays): the model keeps only their headers,
+        # and encoding puts the identical bytes back for the weights that stay unshared. Its hash
+        # (for the report) is taken first.
+        model_hash = model_sha256(proto)
+        proto, _ = without_payloads(proto, scorer.originals)
+
         def evaluate(tuples: list[dict[str, int]], subset: str) -> list[tuple]:
-            candidates = [{name: shares[name][k].decode() for name, k in tup.items()} for tup in tuples]
+            # Decoded one candidate at a time as the scorer reaches it: a request of n whole-model
+            # tuples would otherwise hold n decoded copies of the weights at once.
+            candidates = ({name: shares[name][k].decode() for name, k in tup.items()} for tup in tuples)
             return scorer.score_with_divergence(candidates, subset, spread=True)
 
         baseline = {"search": scorer.baseline_search, "full": scorer.baseline_full}
@@ -195,7 +207,7 @@ def compress(
         t0 = time.perf_counter()
         if variants:
             def score_variants(requests: list[tuple[str, str, int]]) -> list[tuple[float, float]]:
-                return scorer.score_with_divergence([{name: variants[name][g][1][k].decode()} for name, g, k in requests])
+                return scorer.score_with_divergence({name: variants[name][g][1][k].decode()} for name, g, k in requests)
 
             picked = choose_granularities(ctx, {name: {g: opts for g, (opts, _) in by_g.items()}
                                                 for name, by_g in variants.items()}, score_variants)
@@ -235,7 +247,11 @@ def compress(
         t0 = time.perf_counter()
         notify("emit", 0, 1, f"{ctx.ratio(chosen):.1f}x")
         shared = [shares[name][k] for name, k in chosen.items()]
-        encoded = encode_model(proto, shared, opset=config.opset)
+        # Only the chosen codebooks and indices are needed from here on (the report reads those).
+        shares = {name: {k: shares[name][k]} for name, k in chosen.items()}
+        variants.clear()
+        encoded = encode_model(proto, shared, opset=config.opset, values=scorer.originals)
+        scorer.close()  # its copy of the weights and sessions: the emitted model is measured on its own
         check_model(encoded.model, "emitted model")
         _check_rebuilt_weights(encoded, shared)
         emitted_value = evaluate_model(encoded.model, eval_data, metric, device=config.device,
@@ -255,7 +271,7 @@ def compress(
         timings["total"] = time.perf_counter() - t_total
 
         report = _build_report(
-            proto=proto, model_path=model_path, data_path=data_path, eval_data=eval_data, metric=metric.name,
+            proto=proto, model_hash=model_hash, model_path=model_path, data_path=data_path, eval_data=eval_data, metric=metric.name,
             scorer=scorer, ctx=ctx, config=config, discovery=discovery, shares=shares, chosen=chosen,
             encoded=encoded, emitted_value=emitted_value, scorer_value=scorer_value, final_loss=final_loss,
             bytes_before=bytes_before, timings=timings, outcome=outcome, uniform=(uniform_tuple, uniform_full, uniform_tried),
@@ -321,14 +337,28 @@ def _subset_noise(scorer: Scorer, metric_name: str, loss_mode: str) -> SubsetNoi
 
 
 def _check_rebuilt_weights(encoded: EncodeResult, shared: list[SharedWeight]) -> None:
-    rebuilt = decoded_weights(encoded.model, [sw.name for sw in shared])
+    """Every shared weight rebuilt by the emitted graph (in ORT) equals the decoded weight that was
+    scored, bit for bit. Rebuilt in batches of at most CHECK_BATCH_BYTES of decoded weights, so a
+    large model is never decoded whole."""
+    batches: list[list[SharedWeight]] = []
+    size = CHECK_BATCH_BYTES
     for sw in shared:
-        expected = sw.decode()
-        got = rebuilt[sw.name]
-        if got.shape != expected.shape or got.dtype != expected.dtype or not np.array_equal(
-            got.view(np.uint8), expected.view(np.uint8)
-        ):
-            raise VerificationError(f"the emitted graph rebuilds {sw.name} differently from the weights that were scored")
+        nbytes = sw.params * sw.codebooks.dtype.itemsize
+        if size + nbytes > CHECK_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(sw)
+        size += nbytes
+    for batch in batches:
+        rebuilt = decoded_weights(encoded.model, [sw.name for sw in batch])
+        for sw in batch:
+            expected = sw.decode()
+            got = rebuilt.pop(sw.name)
+            if got.shape != expected.shape or got.dtype != expected.dtype or not np.array_equal(
+                got.view(np.uint8), expected.view(np.uint8)
+            ):
+                raise VerificationError(f"the emitted graph rebuilds {sw.name} differently from the weights that were scored")
+            del got, expected
 
 
 def _versions() -> dict[str, str]:
@@ -338,7 +368,7 @@ def _versions() -> dict[str, str]:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _build_report(*, proto, model_path, data_path, eval_data: EvalData, metric: str, scorer: Scorer,
+def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: EvalData, metric: str, scorer: Scorer,
                   ctx: SearchContext, config: CompressConfig, discovery: Discovery, shares, chosen,
                   encoded: EncodeResult, emitted_value: float, scorer_value: float, final_loss: float,
                   bytes_before: int, timings: dict, outcome, uniform, proxy_stats, verification: Verification) -> dict:
@@ -355,7 +385,7 @@ def _build_report(*, proto, model_path, data_path, eval_data: EvalData, metric: 
     ratio_whole = all_bits / max(all_bits - shared_full_bits + shared_stored_bits, 1)
     weight_bytes_after = model_weight_bytes(encoded.model)
     packing = (all_bits / 8 / max(weight_bytes_after, 1)) / ratio_whole
-    bytes_after = encoded.model.ByteSize()
+    bytes_after = message_bytes(encoded.model)
     stored_total = sum(t.stored_bytes for t in encoded.tensors) or 1
 
     layers = []
@@ -398,7 +428,7 @@ def _build_report(*, proto, model_path, data_path, eval_data: EvalData, metric: 
     report = {
         "onnxws_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model": {"path": str(model_path) if model_path else None, "sha256": model_sha256(proto),
+        "model": {"path": str(model_path) if model_path else None, "sha256": model_hash,
                   "opset": _opset(proto), "params_total": int(all_bits // 32),
                   "params_shared": int(sum(info_by_name[n].params for n in chosen))},
         "data": {"path": data_path, "n_full": scorer.n_full, "n_search": scorer.n_search,

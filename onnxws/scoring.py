@@ -36,17 +36,19 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 from onnx import helper, numpy_helper
 
 from onnxws.cache import ScoreCache
 from onnxws.data import EvalData, model_inputs
 from onnxws.errors import InputError, OnnxwsError, UsageError
+from onnxws.loading import _copy_fields, _copy_tensor_header, fits_in_one_message, payload_bytes
 from onnxws.metrics import Metric, output_divergence, reference_key
 
 logger = logging.getLogger(__name__)
@@ -68,7 +70,6 @@ the per-candidate model bytes that ORT parses stay small."""
 _EXTERNAL_LOCATION = "onnxws-in-memory"
 _DIVERGENCE_KEY = "|divergence"  # the cache row of a candidate's output divergence: its key + this
 _SPREAD_KEY = "|spread"  # ... and of its per-sample outcome spread (built-in metrics)
-_PROTO_LIMIT = 2**31 - 1 - 64 * 2**20  # protobuf cannot serialise a message over 2 GiB
 # Candidates at least this large are hashed one array per thread (hashlib releases the GIL):
 # SHA-256 runs at ~1.8 GB/s per core here, 58 ms for ResNet-50's 102 MB of weights.
 _PARALLEL_HASH_BYTES = 16 * 2**20
@@ -217,35 +218,50 @@ def _mark_external(tensor: onnx.TensorProto, nbytes: int) -> None:
 
 
 def _prepare(model: onnx.ModelProto, weights: list[str]) -> _Prepared:
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
-    graph = proto.graph
+    """Split ``model`` into a payload-free proto and its stored tensors (one copy of their values).
+
+    The proto is built field by field: copying the whole model and clearing the payloads
+    afterwards would keep them alive, because the upb backend frees a message's memory only with
+    the whole message (measured: a 512 MB initializer, CopyFrom then ClearField: +512 MB RSS).
+    """
     wanted = set(weights)
-    # Constant nodes producing a weight become initializers, so they can be replaced.
-    constants = [n for n in graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output and n.output[0] in wanted]
-    for node in constants:
-        value = _constant_value(node)
-        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-        graph.node.remove(node)
-    init_names = {t.name for t in graph.initializer}
+    graph = model.graph
+
+    def is_weight_constant(node: onnx.NodeProto) -> bool:
+        return node.op_type == "Constant" and node.domain in ("", "ai.onnx") and bool(node.output) and node.output[0] in wanted
+
+    # Constant nodes producing a weight become initializers (after the others), so they can be replaced.
+    constants = [node for node in graph.node if is_weight_constant(node)]
+    tensors = list(graph.initializer) + [numpy_helper.from_array(_constant_value(node), node.output[0]) for node in constants]
+    init_names = {t.name for t in tensors}
     missing = [w for w in weights if w not in init_names]
     if missing:
         raise InputError(f"weight(s) {missing} are neither initializers nor Constant outputs of the main graph; cannot score them")
+    proto = onnx.ModelProto()
+    _copy_fields(model, proto, skip=frozenset({"graph"}))
+    _copy_fields(graph, proto.graph, skip=frozenset({"node", "initializer"}))
+    proto.graph.node.extend(node for node in graph.node if not is_weight_constant(node))
     stored: dict[str, np.ndarray] = {}
-    for tensor in graph.initializer:
+    for tensor in tensors:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise InputError(f"initializer {tensor.name!r} still points to external data; load the model with its external data (onnx.load(path, load_external_data=True))")
         is_weight = tensor.name in wanted
-        if not is_weight and tensor.ByteSize() < EXTERNAL_MIN_BYTES:
+        # payload_bytes first: ByteSize() encodes the tensor (and raises on one over 2 GB).
+        if not is_weight and payload_bytes(tensor) < EXTERNAL_MIN_BYTES and tensor.ByteSize() < EXTERNAL_MIN_BYTES:
+            proto.graph.initializer.append(tensor)
             continue
         array = np.ascontiguousarray(numpy_helper.to_array(tensor))
         if array.dtype.kind in "OUS":  # string tensors cannot be passed as external data
             if is_weight:
                 raise InputError(f"weight {tensor.name!r} holds strings; only numeric tensors can be scored")
+            proto.graph.initializer.append(tensor)
             continue
         array.setflags(write=False)
         stored[tensor.name] = array
-        _mark_external(tensor, array.nbytes)
+        header = proto.graph.initializer.add()
+        _copy_tensor_header(tensor, header)
+        _mark_external(header, array.nbytes)
+    graph = proto.graph
     # IR < 4 lists initializers as graph inputs too; data never feeds them, so make them constants.
     kept_inputs = [vi for vi in graph.input if vi.name not in stored]
     if len(kept_inputs) != len(graph.input):
@@ -662,12 +678,13 @@ class Scorer:
         """
         return [result[0] for result in self.score_with_divergence(candidates, subset)]
 
-    def score_with_divergence(self, candidates: Sequence[Mapping[str, np.ndarray]],
+    def score_with_divergence(self, candidates: Iterable[Mapping[str, np.ndarray]],
                               subset: str = "search", *, spread: bool = False) -> list[tuple]:
         """Like ``score``, with each candidate's output divergence from the unmodified model
         (``metrics.output_divergence`` over the metric's output, or all outputs for a custom
         metric): ``[(metric value, divergence), ...]``. Both come from the same run and are
-        cached together.
+        cached together. ``candidates`` may be a generator: each is used and dropped before the
+        next is drawn, so decoding them lazily keeps one candidate in memory at a time.
 
         With ``spread``, triples ``(value, divergence, spread)``: ``spread`` is the mean squared
         per-sample change of the metric's outcomes vs the unmodified model (for 0/1 outcomes the
@@ -703,6 +720,7 @@ class Scorer:
             self._memo[key] = result
             self.scorings += 1
             results.append(result if spread else result[:2])
+            del candidate  # before the generator decodes the next one
         return results
 
     def outputs(self, candidate: Mapping[str, np.ndarray], subset: str = "full") -> list[np.ndarray]:
@@ -731,8 +749,12 @@ class Scorer:
         return hashlib.sha256("|".join([self._key_prefix[subset], *parts]).encode()).hexdigest()
 
     def close(self) -> None:
-        """Release the ORT sessions and cached activations (the cache belongs to the caller)."""
+        """Release the ORT sessions, cached activations and the copy of the weights (the cache
+        belongs to the caller). Baselines, reference outputs and counters stay readable; scoring
+        after ``close`` raises."""
         self._engine.close()
+        self._prepared.stored = {}
+        self._originals = {}
         if self._hasher is not None:
             self._hasher.shutdown()
             self._hasher = None
@@ -962,9 +984,15 @@ def run_model(
     fixed = fixed_batch(model, data.input_names)
     batches = plan_batches(data, fixed or batch_size or default_batch_size(data), fixed)
     try:
-        if model.ByteSize() < _PROTO_LIMIT:
-            sess = ort.InferenceSession(model.SerializeToString(), options, providers=providers,
-                                        disabled_optimizers=disabled)
+        serialized = None
+        if fits_in_one_message(model):  # ModelProto.ByteSize() would raise over 2 GB (upb)
+            try:
+                serialized = model.SerializeToString()
+            except EncodeError:  # the estimate missed (a huge graph)
+                serialized = None
+        if serialized is not None:
+            sess = ort.InferenceSession(serialized, options, providers=providers, disabled_optimizers=disabled)
+            del serialized
         else:  # protobuf cannot serialise it: hand the big tensors over in memory instead
             prepared = _prepare(model, [])
             values = [_ortvalue(a) for a in prepared.stored.values()]

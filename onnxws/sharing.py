@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+_DECODE_CHUNK = 1 << 20  # indices gathered per step in SharedWeight.decode
+
+
 def index_bits(k: int) -> int:
     """Index width in bits for ``k`` shared values: ``ceil(log2 k)``, 0 for k=1."""
     if k < 1:
@@ -117,7 +120,13 @@ class SharedWeight:
         """The rebuilt weight (the weight's dtype and shape): ``codebooks[group, index]``."""
         flat = self.codebooks.reshape(-1)
         if self.n_codebooks == 1:
-            return flat[self.indices.astype(np.int64)]
+            # Gathered in chunks: indexing with the whole index array would first make an int64
+            # copy of it (8 bytes per weight, twice a float32 weight's size).
+            indices = self.indices.reshape(-1)
+            out = np.empty(indices.size, dtype=flat.dtype)
+            for start in range(0, indices.size, _DECODE_CHUNK):
+                np.take(flat, indices[start:start + _DECODE_CHUNK], out=out[start:start + _DECODE_CHUNK])
+            return out.reshape(self.indices.shape)
         return flat[self.indices.astype(np.int64) + self.group_ids() * self.k]
 
     def stored_bits(self, codebook_bits: int) -> int:

@@ -139,3 +139,37 @@ def test_properties(values, k):
     parts = np.array_split(x, min(k, len(x)))
     baseline = sum(float(np.sum((p - p.mean()) ** 2)) for p in parts if len(p))
     assert inertia <= baseline * (1 + 1e-9) + 1e-9
+
+
+@pytest.mark.parametrize("n", [3000, 300_000])  # exact DP, and binned + Lloyd (over EXACT_POINTS distinct values)
+def test_compact_labels_are_the_same_labels(n, monkeypatch):
+    """share_weight_all_k's compact path (uint8 labels labelled in chunks, sums accumulated in value
+    order) gives the int64 path's codebooks and labels bit for bit, and the float64 inertia."""
+    import onnxws.clustering as clustering
+
+    monkeypatch.setattr(clustering, "FINISH_CHUNK", 1000)  # many chunks
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.standard_normal(n - 40), np.full(40, 7.5)]).astype(np.float32)
+    ks = [1, 4, 16, 256]
+    plain = clustering.cluster_groups([values], ks)[0]
+    compact = clustering.cluster_groups([values], ks, compact=True)[0]
+    shared = clustering.share_weight_all_k("w", values, ks)
+    for k in ks:
+        assert compact[k][1].dtype == np.uint8 and plain[k][1].dtype == np.int64
+        assert compact[k][0].tobytes() == plain[k][0].tobytes()
+        np.testing.assert_array_equal(compact[k][1], plain[k][1])
+        assert shared[k].indices.tobytes() == plain[k][1].astype(np.uint8).tobytes()
+        decoded = plain[k][0].astype(np.float32)[plain[k][1]].astype(np.float64)
+        assert shared[k].inertia == float(np.sum((decoded - values.astype(np.float64)) ** 2))
+
+
+def test_an_empty_cluster_is_dropped_in_compact_mode_too():
+    from onnxws.clustering import _finish
+
+    flat = np.concatenate([np.random.default_rng(0).standard_normal(3000), [9.0, 9.5]])
+    centroids = np.array([-1.0, 0.0, 1.0, 9.2, 30.0])  # nothing lies nearest to 30
+    codebook, labels, _ = _finish(flat, centroids, 6)
+    small, compact, inertia = _finish(flat, centroids, 6, compact=True)
+    assert codebook.tobytes() == small.tobytes() and len(np.unique(labels)) == 4
+    np.testing.assert_array_equal(labels, compact)
+    assert np.isnan(inertia)

@@ -447,3 +447,38 @@ def test_model_without_an_ai_onnx_import_gets_one():
     assert any("no ai.onnx opset" in n for n in encoded.notes)
     onnx.checker.check_model(encoded.model, full_check=True)
     assert _run(encoded.model, {})[0].tobytes() == sw.decode().tobytes()
+
+
+@pytest.mark.parametrize("opset", [17, 21])  # raised (4-bit indices want UINT4) and kept
+def test_encoding_with_values_in_memory_gives_the_same_bytes(opset):
+    """``values`` (arrays already in memory, e.g. the scorer's) only replace a second decoded copy
+    for the opset check: same model bytes. The shared initializers' payloads are never copied."""
+    model = _three_weight_model(opset)
+    shared = [_shared("conv.W", (5, 3, 3, 3), 16), _shared("fc.W", (10, 180), 8, seed=1)]
+    plain = encode_model(model, shared)
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    given = encode_model(model, shared, values=values)
+    assert given.model.SerializeToString(deterministic=True) == plain.model.SerializeToString(deterministic=True)
+    assert given.notes == plain.notes and given.opset == plain.opset
+    names = {t.name for t in given.model.graph.initializer}
+    assert "conv.W" not in names and "fc.W" not in names and "head.W" in names
+    assert model.graph.initializer[0].HasField("raw_data")  # the input is untouched
+
+
+@pytest.mark.parametrize("opset", [17, 21])
+def test_encoding_a_model_without_payloads_restores_the_unshared_weights(opset):
+    """The pipeline drops the model's copy of the weights once the scorer holds them
+    (loading.without_payloads); encoding puts the identical bytes back for the unshared ones."""
+    from onnxws.loading import lacks_payload, without_payloads
+
+    model = _three_weight_model(opset)
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    light, dropped = without_payloads(model, values, min_bytes=1024)
+    assert dropped == ["fc.W"]  # 7200 bytes; conv.W (540) and head.W (240) keep their data
+    light2, dropped2 = without_payloads(model, values, min_bytes=200)
+    assert dropped2 == ["conv.W", "fc.W", "head.W"]
+    assert all(lacks_payload(t) for t in light2.graph.initializer if t.name in dropped2)
+    for shared in ([_shared("conv.W", (5, 3, 3, 3), 16)], [_shared("head.W", (10, 6), 4)]):  # fc.W stays unshared
+        expected = encode_model(model, shared).model.SerializeToString(deterministic=True)
+        got = encode_model(light, shared, values=values).model.SerializeToString(deterministic=True)
+        assert got == expected

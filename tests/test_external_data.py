@@ -157,3 +157,54 @@ def test_compress_runs_the_large_code_paths(tmp_path, monkeypatch):
     expected = ort.InferenceSession(result.model.SerializeToString()).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_evaluate_a_large_model_hands_its_weights_over_in_memory(tmp_path, monkeypatch):
+    """`onnxws evaluate` on a model over the limit: no ByteSize()/serialisation of the whole model
+    (upb raises EncodeError on one over 2 GB), the weights reach ORT as in-memory external data."""
+    import onnxws.scoring as scoring
+    from onnxws.evaluation import evaluate_path
+
+    model = lenet_like(seed=6)
+    data = labelled_data(model, n=50)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.data", size_threshold=0)
+    np.savez(tmp_path / "m.npz", **data)
+    small = evaluate_path(path, tmp_path / "m.npz", device="cpu")
+    _large(monkeypatch)
+    prepared = []
+    real_prepare = scoring._prepare
+    monkeypatch.setattr(scoring, "_prepare", lambda m, w: prepared.append(1) or real_prepare(m, w))
+    large = evaluate_path(path, tmp_path / "m.npz", device="cpu")
+    assert prepared == [1] and large["value"] == small["value"] == 1.0
+
+
+def test_scorer_model_holds_no_weight_payloads():
+    """The scorer's proto is built payload-free (a copy whose payloads are cleared afterwards would
+    keep them alive in upb's arena): stored tensors are external-data headers with their metadata."""
+    import onnxws.scoring as scoring
+
+    model = _if_model()
+    fc = next(t for t in model.graph.initializer if t.name == "fc.W")
+    fc.doc_string = "kept"
+    prepared = scoring._prepare(model, ["conv.W", "fc.W"])
+    by_name = {t.name: t for t in prepared.model.graph.initializer}
+    for name in ("conv.W", "fc.W"):
+        assert by_name[name].data_location == onnx.TensorProto.EXTERNAL and not by_name[name].HasField("raw_data")
+    assert by_name["fc.W"].doc_string == "kept" and list(by_name["fc.W"].dims) == [10, 144]
+    assert by_name["cond"].HasField("raw_data")  # small non-weights stay inline
+    np.testing.assert_array_equal(prepared.stored["fc.W"], onnx.numpy_helper.to_array(fc))
+    assert fc.HasField("raw_data")  # the caller's model is untouched
+
+
+def test_compress_a_large_in_memory_model(monkeypatch):
+    """A ModelProto over the limit: bytes_before comes from message_bytes, not ModelProto.ByteSize()."""
+    model = lenet_like(seed=2)
+    data = labelled_data(model, n=300)
+    expected = model.ByteSize()
+    _large(monkeypatch)
+    assert abs(loading.message_bytes(model) - expected) <= 16  # nested length prefixes aside
+    result = onnxws.compress(model, data, loss=2.0, cache=False, search_samples=300,
+                             config=onnxws.CompressConfig.from_dict({"global": {"min_params": 16}}))
+    assert abs(result.report["compression"]["bytes_before"] - expected) <= 16

@@ -482,3 +482,25 @@ def test_spread_counts_the_samples_flipped_either_way(labelled, tmp_path, engine
         again = make_scorer(labelled, engine, cache=cache)
         assert again.score_with_divergence(candidates, "full", spread=True) == triples
         assert again.scorings_run == 0
+
+
+def test_candidates_may_be_a_generator_decoded_one_at_a_time(labelled):
+    """The pipeline hands over a generator: each candidate is scored (and dropped) before the next
+    is made, with the same results as a list."""
+    scorer = make_scorer(labelled, "session")
+    w = scorer.originals["fc.W"]
+    made: list[int] = []
+
+    def lazy():
+        for i, scale in enumerate((0.5, -1.0, 2.0)):
+            assert scorer.scorings == i  # the previous candidate was scored before this one exists
+            made.append(i)
+            yield {"fc.W": w * np.float32(scale)}
+
+    from_generator = scorer.score_with_divergence(lazy(), "search")
+    fresh = make_scorer(labelled, "session")
+    assert made == [0, 1, 2]
+    assert from_generator == fresh.score_with_divergence([{"fc.W": w * np.float32(s)} for s in (0.5, -1.0, 2.0)], "search")
+    full = scorer.baseline_full
+    scorer.close()
+    assert scorer.originals == {} and scorer.baseline_full == full == fresh.baseline_full  # weights released, baselines kept

@@ -1,6 +1,6 @@
 """Benchmark: `onnxws compress` on a > 2 GB external-data model; time per stage and peak memory.
 
-Not part of CI: it writes 2.15 GB to disk, runs ~10 min on 2 cores and needs ~21 GB of RAM.
+Not part of CI: it writes 2.15 GB to disk, runs ~6 min on 2 cores and needs ~11 GB of RAM.
 
 1. Generate (once; reused from the cache folder while the parameters match) a float32 MLP:
    ``--layers`` x (MatMul [dim, dim] + Relu), then a MatMul [dim, --classes] head; weights drawn
@@ -30,15 +30,34 @@ Not part of CI: it writes 2.15 GB to disk, runs ~10 min on 2 cores and needs ~21
 Defaults and why:
 - ``--bits 4,6,8`` (a config file): onnxws's clustering costs ~20 s of fixed work per 33.5 M
   weights plus ~2.4 s per width on 2 cores (measured), so all nine widths would take ~11 min
-  for 537 M weights before any scoring; with three it took 405 s.
+  for 537 M weights before any scoring; with three it took 371 s (228 s since the clustering
+  memory fix: one sort per tensor, no int64 labels).
 - ``--max-scorings 40``: room for the layer stage (9 probes), the uniform baseline and a few
-  network-stage rounds within ~15 min. Caution for larger budgets: the pipeline decodes every
-  candidate of one scoring request before scoring the first, so a request of n whole-model
-  tuples (predictor random tuples, greedy steps, exhaustive chunks) holds n x 2.15 GB of decoded
-  weights at once (read from the code; the measured runs never made such a request).
-- measured (2 cores, 2026-11): peak RSS 19.0 GiB = 9.5x the weights, in the emit stage (the
-  watchdog at 19 GB killed two earlier runs at that point); load 2.6 GiB, clustering 7.8 GiB, scoring
-  <= 10.2 GiB.
+  network-stage rounds within ~15 min. Candidates are decoded one at a time as the scorer
+  reaches them, so larger budgets hold one decoded tuple at a time, not one per tuple requested.
+- measured (2 cores, 2026-11-23, default arguments; peak RSS per stage from the 0.5 s samples,
+  MiB; the process peak from ``/usr/bin/time -v``). Before = commit 7a90b95, after = the memory
+  fixes (scorer and encoder copy no payloads they drop, the model's copy of the weights is dropped
+  once the scorer holds them, rebuilt weights checked one batch at a time, compact clustering):
+
+  | stage     | before: s / MiB | after: s / MiB |
+  |-----------|-----------------|----------------|
+  | load      | 11.9 / 2,699    | 14.1 / 2,755   |
+  | cluster   | 371.4 / 8,051   | 228.3 / 5,979  |
+  | setup     | 30.1 / 10,203   | 34.9 / 8,161   |
+  | layer     | 12.1 / 10,396   | 7.9 / 4,095    |
+  | uniform   | 15.7 / 10,472   | 12.4 / 5,895   |
+  | verify    | 1.7 / 8,548     | 1.5 / 4,104    |
+  | emit      | 65.2 / 19,361   | 57.2 / 10,156  |
+  | save+report | 8.9 / 10,663  | 4.3 / 1,813    |
+  | process   | 517 s / 19,451 MiB = 9.50x the weights | 361 s / 10,243 MiB = 5.00x |
+
+  Same output file both times (sha256 6bf1f509...), same report figures. What is left of the emit
+  peak is ONNX Runtime's own session on the emitted model (stock options, as the pipeline must
+  measure it; 6-bit bit-stream indices here): RSS climbs from ~1.9 GiB to 10.2 GiB while it is
+  created (~30 s), and the reload check, a fresh process loading the output the same way, peaks at
+  8,764 MiB. Setup (8.2 GiB) still has the loaded model and the scorer's copy of the weights
+  alive together while the scorer measures its two engines.
 """
 
 from __future__ import annotations
