@@ -6,8 +6,9 @@ a few tenths of a point on a top-1 metric over a few thousand samples, in both d
 
 - **step back**: a tuple the strategy picked at the budget's edge is optimistic on the subset
   (it was picked *because* it looked good there); a full-set miss tightens the search target
-  by the gap just observed and the strategy continues, then the remaining subset-feasible
-  tuples are verified best first.
+  by the gap just observed and the strategy continues; then the subset-feasible tuples likely
+  to hold (by the subset's sampling error and the optimism observed) are verified most
+  compressive first, and the most likely one last.
 - **edge push**: once a tuple holds on the full set with loss to spare, a tuple that measured
   just over the budget on the subset may well hold on the full set. Each such tuple's chance
   is estimated from the subset's sampling error (``SubsetNoise``); the strategy first scores
@@ -37,6 +38,8 @@ from onnxws.network_search import (
 # Full-set misses after which the search stops aiming lower and steps back instead.
 MAX_ROUNDS = 4
 STEP_BACK_TRIES = 4
+# Step-back: tuples tried first when their estimated chance to hold on the full set is at least this.
+STEP_BACK_MIN_PROBABILITY = 0.8
 # Edge push: a tuple over the budget on the subset is verified when its estimated chance of
 # holding on the full set is at least this (one-sided: about 1.28 standard errors over).
 EDGE_MIN_PROBABILITY = 0.1
@@ -103,10 +106,11 @@ class SubsetNoise:
         if not self.observed or self.n_rest <= 0:
             return floor
         scale = 1.0 / self.n_search + 1.0 / self.n_rest
+        bias = self.optimism * self.n_full / self.n_rest  # rest minus subset loss, on average
         gaps = []
-        for search, full in self.observed:
+        for search, full in self.observed:  # the spread of the gaps around the optimism
             rest = (self.n_full * full - self.n_search * search) / self.n_rest
-            gaps.append(((search - rest) / self.unit_per_fraction) ** 2)
+            gaps.append(((rest - search - bias) / self.unit_per_fraction) ** 2)
         return max(floor, sum(gaps) / len(gaps) / scale)
 
     def sd_full(self, loss: float, spread: float | None = None) -> float:
@@ -117,12 +121,22 @@ class SubsetNoise:
         sd = (self.n_rest / self.n_full) * math.sqrt(v * (1.0 / self.n_search + 1.0 / self.n_rest))
         return sd * self.unit_per_fraction
 
+    @property
+    def optimism(self) -> float:
+        """How much worse the full set measured than the subset on average over the tuples
+        measured on both (0 if not worse): tuples picked near the edge look better on the subset."""
+        if not self.observed:
+            return 0.0
+        return max(sum(full - search for search, full in self.observed) / len(self.observed), 0.0)
+
     def pass_probability(self, loss: float, budget: float, spread: float | None = None) -> float:
-        """Estimated chance that a tuple of subset loss ``loss`` is within ``budget`` on the full set."""
+        """Estimated chance that a tuple of subset loss ``loss`` is within ``budget`` on the full set
+        (its expected full-set loss: ``loss`` plus the observed ``optimism``)."""
         sd = self.sd_full(loss, spread)
+        expected = loss + self.optimism
         if sd <= 0:
-            return 1.0 if within_budget(loss, budget) else 0.0
-        return _normal_cdf((budget - loss) / sd)
+            return 1.0 if within_budget(expected, budget) else 0.0
+        return _normal_cdf((budget - expected) / sd)
 
     def edge_target(self, budget: float) -> float:
         """The subset loss up to which a tuple's chance is at least ``EDGE_MIN_PROBABILITY``
@@ -130,7 +144,7 @@ class SubsetNoise:
         z = -_normal_ppf(EDGE_MIN_PROBABILITY)
         loss = budget
         for _ in range(50):  # fixed point: the error grows with the loss
-            nxt = budget + z * self.sd_full(loss)
+            nxt = budget - self.optimism + z * self.sd_full(loss)
             if abs(nxt - loss) < 1e-9:
                 break
             loss = nxt
@@ -230,11 +244,8 @@ def search_and_verify(ctx: SearchContext, *, strategy: str, predictor: str = "au
             result.chosen = top[0]
         if result.chosen is not None or ctx.target <= 0 or not ctx.can_score():
             break
-    if result.chosen is None:  # step back along the subset-feasible tuples, best first
-        for tup in _subset_tuples(ctx, untried, ctx.budget)[:STEP_BACK_TRIES]:
-            if verify(tup, "step_back"):
-                result.chosen = tup
-                break
+    if result.chosen is None:
+        _step_back(ctx, result, noise, untried, verify)
     if result.chosen is not None and noise is not None and edge_tries > 0:
         _edge_push(ctx, result, noise, edge_tries, lambda: run_strategy(0) if strategy == "predictor" else None,
                    untried, verify)
@@ -250,6 +261,35 @@ def _subset_tuples(ctx: SearchContext, untried: Callable, limit: float) -> list[
     rows = {SearchContext.key(e.k): e.k for e in ctx.explored
             if e.k and e.subset == "search" and within_budget(e.loss_measured, limit)}
     return untried(sorted(rows.values(), key=lambda t: -ctx.ratio(t)))
+
+
+def _step_back(ctx: SearchContext, result: Verification, noise: SubsetNoise | None, untried: Callable,
+               verify: Callable[[Tuple_, str], bool]) -> None:
+    """Step back along the subset-feasible tuples: the most compressive of those likely to hold on
+    the full set first, then the most likely one.
+
+    The likelihood is ``SubsetNoise.pass_probability``: the subset's sampling error, and the
+    optimism the failed verifications showed; without a noise model, CR order only.
+    """
+    ranked = _subset_tuples(ctx, untried, ctx.budget)
+    if noise is None or not ranked:
+        for tup in ranked[:STEP_BACK_TRIES]:
+            if verify(tup, "step_back"):
+                result.chosen = tup
+                return
+        return
+    def chance(tup: Tuple_) -> float:
+        return noise.pass_probability(ctx.known(tup), ctx.budget, ctx.spread(tup))
+
+    likely = [t for t in ranked if chance(t) >= STEP_BACK_MIN_PROBABILITY]
+    order = likely[:STEP_BACK_TRIES - 1]
+    safest = max(ranked, key=lambda t: (chance(t), ctx.ratio(t)))
+    if all(SearchContext.key(safest) != SearchContext.key(t) for t in order):
+        order.append(safest)
+    for tup in order:
+        if verify(tup, "step_back"):
+            result.chosen = tup
+            return
 
 
 def _edge_push(ctx: SearchContext, result: Verification, noise: SubsetNoise, tries: int,

@@ -110,3 +110,35 @@ def test_no_edge_push_when_disabled():
     noise = SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0)
     result = search_and_verify(_context(-0.3), strategy="exhaustive", noise=noise, edge_tries=0)
     assert all(entry[4] != "edge" for entry in result.log) and result.edge_target is None
+
+
+def test_step_back_goes_to_the_tuples_likely_to_hold():
+    """The full set is much harsher than the subset for every tuple that shares several layers
+    (+1.2 pp), not for a layer alone: after the strategy's picks fail, a CR-ordered step-back
+    tries near-edge tuples that fail too, while the noise model, having seen that optimism,
+    steps back to a tuple likely to hold and emits it."""
+    layers, truth = make_layers([150, 2400, 4800, 600], [0.3, 0.2, 0.05, 0.1])
+
+    def run(noise):
+        def evaluate(tuples, subset):
+            out = []
+            for tup in tuples:
+                loss = sum(truth[n][k] for n, k in tup.items()) * (1.1 if len(tup) > 1 else 1.0)
+                if subset == "full" and len(tup) > 1:
+                    loss += 1.2
+                out.append(0.99 - loss / 100.0)
+            return out
+
+        ctx = SearchContext(layers, evaluate, {"search": 0.99, "full": 0.99}, 1.0, "absolute", max_scorings=400)
+        for layer in layers:
+            layer.candidates = [opt.k for opt in layer.options if opt.bits >= 1]
+            layer.loss_alone = {k: truth[layer.name][k] for k in layer.candidates}
+        for layer in layers:  # the layer stage's measurements: each layer alone
+            ctx.losses([{layer.name: k} for k in layer.candidates], "search", stage="layer")
+        return ctx, search_and_verify(ctx, strategy="greedy", noise=noise, edge_tries=0)
+
+    _, plain = run(None)
+    ctx, stepped = run(SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0))
+    assert plain.chosen is None
+    assert stepped.chosen is not None and within_budget(ctx.known(stepped.chosen, "full"), 1.0)
+    assert any(phase == "step_back" for *_, phase in stepped.log)
