@@ -8,7 +8,7 @@ a few tenths of a point on a top-1 metric over a few thousand samples, in both d
   (it was picked *because* it looked good there); a full-set miss tightens the search target
   by the gap just observed and the strategy continues; then the subset-feasible tuples likely
   to hold (by the subset's sampling error and the optimism observed) are verified most
-  compressive first, and the most likely one last.
+  compressive first, and the safest one (least subset loss) last.
 - **edge push**: once a tuple holds on the full set with loss to spare, a tuple that measured
   just over the budget on the subset may well hold on the full set. Each such tuple's chance
   is estimated from the subset's sampling error (``SubsetNoise``); the strategy first scores
@@ -266,7 +266,7 @@ def _subset_tuples(ctx: SearchContext, untried: Callable, limit: float) -> list[
 def _step_back(ctx: SearchContext, result: Verification, noise: SubsetNoise | None, untried: Callable,
                verify: Callable[[Tuple_, str], bool]) -> None:
     """Step back along the subset-feasible tuples: the most compressive of those likely to hold on
-    the full set first, then the most likely one.
+    the full set first, then the safest one (least loss on the subset).
 
     The likelihood is ``SubsetNoise.pass_probability``: the subset's sampling error, and the
     optimism the failed verifications showed; without a noise model, CR order only.
@@ -283,7 +283,9 @@ def _step_back(ctx: SearchContext, result: Verification, noise: SubsetNoise | No
 
     likely = [t for t in ranked if chance(t) >= STEP_BACK_MIN_PROBABILITY]
     order = likely[:STEP_BACK_TRIES - 1]
-    safest = max(ranked, key=lambda t: (chance(t), ctx.ratio(t)))
+    # Last, the safest: the least loss on the subset (the optimism was seen on tuples picked at
+    # the edge, not on these), the most compressive among equals.
+    safest = min(ranked, key=lambda t: (ctx.known(t), -ctx.ratio(t)))
     if all(SearchContext.key(safest) != SearchContext.key(t) for t in order):
         order.append(safest)
     for tup in order:
