@@ -58,7 +58,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from onnxws.errors import InputError, UsageError
-from onnxws.loading import _copy_fields, _copy_tensor_header, fits_in_one_message, with_payloads
+from onnxws.loading import _copy_tensor_header, fits_in_one_message, graph_shell, with_payloads
 from onnxws.sharing import SharedWeight
 
 logger = logging.getLogger(__name__)
@@ -551,9 +551,7 @@ def _copy_without(model: onnx.ModelProto, names: frozenset[str], values: Mapping
     """A copy of ``model`` in which the main-graph initializers named in ``names`` keep only their
     header (name, type, shape, metadata): they are about to be replaced, and a full copy whose
     payloads were deleted afterwards would keep them in memory (upb frees a message as a whole)."""
-    work = onnx.ModelProto()
-    _copy_fields(model, work, skip=frozenset({"graph"}))
-    _copy_fields(model.graph, work.graph, skip=frozenset({"initializer"}))
+    work = graph_shell(model)
     for tensor in model.graph.initializer:
         if tensor.name in names:
             _copy_tensor_header(tensor, work.graph.initializer.add())

@@ -205,9 +205,7 @@ def without_payloads(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], *
         (copy, names of the initializers left without payload).
     """
     min_bytes = _DROP_MIN_BYTES if min_bytes is None else min_bytes
-    light = onnx.ModelProto()
-    _copy_fields(model, light, skip=frozenset({"graph"}))
-    _copy_fields(model.graph, light.graph, skip=frozenset({"initializer"}))
+    light = graph_shell(model)
     dropped = []
     for tensor in model.graph.initializer:
         array = arrays.get(tensor.name)
@@ -310,6 +308,16 @@ def _copy_tensor_header(source: TensorProto, target: TensorProto) -> None:
                 getattr(target, field.name).CopyFrom(getattr(source, field.name))
             else:
                 setattr(target, field.name, getattr(source, field.name))
+
+
+def graph_shell(model: onnx.ModelProto, skip: frozenset[str] = frozenset({"initializer"})) -> onnx.ModelProto:
+    """A new model with every field of ``model`` and of its main graph except the graph fields
+    named in ``skip`` (filled by the caller), built field by field: a whole copy with those
+    fields cleared afterwards would keep their memory alive (upb frees a message as a whole)."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip=frozenset({"graph"}))
+    _copy_fields(model.graph, shell.graph, skip=skip)
+    return shell
 
 
 def _copy_fields(source, target, skip: frozenset[str] = frozenset()) -> None:

@@ -31,7 +31,7 @@ from onnxws.errors import BudgetError, InputError, NothingToShareError, Verifica
 from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_unit, within_budget
 from onnxws.layer_search import choose_granularities, layer_sensitivity
 from onnxws.loading import check_model, load_model, message_bytes, model_sha256, without_payloads
-from onnxws.metrics import TOP1_ACCURACY, TOP1_AGREEMENT, resolve_metric
+from onnxws.metrics import Metric, resolve_metric
 from onnxws.network_search import uniform_baseline
 from onnxws.scoring import Scorer, evaluate_model
 from onnxws.sharing import Granularity, SharedWeight, index_bits
@@ -229,7 +229,7 @@ def compress(
         t0 = time.perf_counter()
         verification = search_and_verify(
             ctx, strategy=config.strategy, predictor=config.predictor, seed=config.seed,
-            noise=_subset_noise(scorer, metric.name, config.loss_mode), edge_tries=config.edge_tries,
+            noise=_subset_noise(scorer, metric, config.loss_mode), edge_tries=config.edge_tries,
             uniform=(uniform_tuple, uniform_full))
         outcome, chosen = verification.outcome, verification.chosen
         timings["network"] = time.perf_counter() - t0 - verification.seconds
@@ -325,7 +325,7 @@ def _open_cache(cache: str | Path | bool | None) -> ScoreCache | None:
     return ScoreCache(Path(cache))
 
 
-def _subset_noise(scorer: Scorer, metric_name: str, loss_mode: str) -> SubsetNoise | None:
+def _subset_noise(scorer: Scorer, metric: Metric, loss_mode: str) -> SubsetNoise | None:
     """The search subset's sampling error (verification.SubsetNoise); None when it cannot be stated."""
     if loss_mode == "absolute":
         unit = 100.0
@@ -333,7 +333,7 @@ def _subset_noise(scorer: Scorer, metric_name: str, loss_mode: str) -> SubsetNoi
         unit = 100.0 / abs(scorer.baseline_full)
     else:
         return None
-    return SubsetNoise(scorer.n_search, scorer.n_full, metric_name in (TOP1_ACCURACY, TOP1_AGREEMENT), unit)
+    return SubsetNoise(scorer.n_search, scorer.n_full, metric.per_sample is not None, unit)
 
 
 def _check_rebuilt_weights(encoded: EncodeResult, shared: list[SharedWeight]) -> None:

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from onnxws.atomic import write_atomic  # noqa: E402
+from onnxws.exploration import within_budget  # noqa: E402
 
 _PNG_META = {"Software": None}
 
@@ -209,6 +210,10 @@ details{margin-top:10px} code{background:#e4e7eb;padding:1px 4px;border-radius:3
 """
 
 
+def _tuple_text(tup: dict[str, int]) -> str:
+    return ", ".join(f"{name}={k}" for name, k in tup.items())
+
+
 def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
@@ -274,10 +279,10 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
     seconds = e.get("seconds", {})
     time_rows = [[esc(k), f"{v:.2f}"] for k, v in seconds.items()]
     stage_rows = [[esc(k), str(v)] for k, v in e.get("scorings_by_stage", {}).items()]
-    explored_rows = [[esc(", ".join(f"{k}={v}" for k, v in x["k"].items())), f"{x['ratio']:.2f}", _num(x.get("loss_predicted")),
+    explored_rows = [[esc(_tuple_text(x["k"])), f"{x['ratio']:.2f}", _num(x.get("loss_predicted")),
                       _num(x.get("loss_measured")), esc(x["stage"]), esc(x["subset"])] for x in e.get("explored", [])]
-    verify_rows = [[esc(", ".join(f"{k}={v}" for k, v in x["k"].items())), _num(x.get("loss_search")), _num(x.get("loss_full")),
-                    "yes" if x["loss_full"] <= report["budget"]["loss"] + 1e-9 else "no", esc(x.get("phase", "verify"))]
+    verify_rows = [[esc(_tuple_text(x["k"])), _num(x.get("loss_search")), _num(x.get("loss_full")),
+                    "yes" if within_budget(x["loss_full"], report["budget"]["loss"]) else "no", esc(x.get("phase", "verify"))]
                    for x in e.get("verification", [])]
     edge = e.get("edge_push") or {}
     edge_html = (f"<p>Edge push: with loss to spare on the full set, up to {edge.get('max_tries')} tuples that measured up to "

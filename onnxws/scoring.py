@@ -48,7 +48,7 @@ from onnx import helper, numpy_helper
 from onnxws.cache import ScoreCache
 from onnxws.data import EvalData, model_inputs
 from onnxws.errors import InputError, OnnxwsError, UsageError
-from onnxws.loading import _copy_fields, _copy_tensor_header, fits_in_one_message, payload_bytes
+from onnxws.loading import _copy_tensor_header, fits_in_one_message, graph_shell, payload_bytes
 from onnxws.metrics import Metric, output_divergence, reference_key
 
 logger = logging.getLogger(__name__)
@@ -237,9 +237,7 @@ def _prepare(model: onnx.ModelProto, weights: list[str]) -> _Prepared:
     missing = [w for w in weights if w not in init_names]
     if missing:
         raise InputError(f"weight(s) {missing} are neither initializers nor Constant outputs of the main graph; cannot score them")
-    proto = onnx.ModelProto()
-    _copy_fields(model, proto, skip=frozenset({"graph"}))
-    _copy_fields(graph, proto.graph, skip=frozenset({"node", "initializer"}))
+    proto = graph_shell(model, skip=frozenset({"node", "initializer"}))
     proto.graph.node.extend(node for node in graph.node if not is_weight_constant(node))
     stored: dict[str, np.ndarray] = {}
     for tensor in tensors:
@@ -708,7 +706,8 @@ class Scorer:
                     outputs = self._run(candidate, subset)
                 else:
                     self.scorings_suffix += 1
-                result = (self._evaluate(outputs, subset), self._divergence(outputs, subset), self._spread(outputs, subset))
+                value, spread_ = self._measure(outputs, subset)
+                result = (value, self._divergence(outputs, subset), spread_)
                 self.scorings_run += 1
                 if self.cache is not None:
                     self.cache.put(key, result[0])
@@ -875,14 +874,17 @@ class Scorer:
             data.update({reference_key(n): r for n, r in zip(self._output_names, reference)})
         return data
 
-    def _spread(self, outputs: list[np.ndarray], subset: str) -> float | None:
+    def _measure(self, outputs: list[np.ndarray], subset: str) -> tuple[float, float | None]:
+        """The metric of ``outputs`` and, for a metric with per-sample outcomes, the mean squared
+        change of those outcomes vs the unmodified model's (one evaluation of the metric)."""
+        data = self._metric_data(subset)
         per_sample = self.metric.per_sample
         if per_sample is None:
-            return None
+            return float(self.metric.fn(outputs, data)), None
         if subset not in self._outcomes:
-            self._outcomes[subset] = per_sample(self.reference_outputs(subset), self._metric_data(subset))
-        change = per_sample(outputs, self._metric_data(subset)) - self._outcomes[subset]
-        return float(np.mean(np.square(change)))
+            self._outcomes[subset] = per_sample(self.reference_outputs(subset), data)
+        outcomes = per_sample(outputs, data)  # the metric is their mean (Metric.per_sample)
+        return float(np.mean(outcomes)), float(np.mean(np.square(outcomes - self._outcomes[subset])))
 
     def _divergence(self, outputs: list[np.ndarray], subset: str) -> float:
         reference = self.reference_outputs(subset)
