@@ -60,7 +60,7 @@ PREDICTORS = ("auto", "divergence", "additive")
 TABLES = ("global", "op_type", "tensor")
 #: Run options, in the order ``to_toml`` writes them (the field names of CompressConfig).
 RUN_KEYS = ("loss", "loss_mode", "device", "search_samples", "batch_size", "metric", "output", "strategy",
-            "predictor", "edge_tries", "time_budget", "max_scorings", "seed", "opset")
+            "predictor", "edge_tries", "refine", "time_budget", "max_scorings", "seed", "opset")
 #: Keys of a tensor-settings table ([global], [op_type.X], [tensor."glob"]), in write order.
 TENSOR_KEYS = ("skip", "min_params", "bits", "k_max", "granularity")
 _MAX_BITS = 8
@@ -100,6 +100,7 @@ _RUN_CONSTRAINTS: dict[str, _Check] = {
     "strategy": (_is_str, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
     "predictor": (_is_str, lambda v: v in PREDICTORS, f"one of {', '.join(PREDICTORS)}"),
     "edge_tries": (_is_int, lambda v: v >= 0, "an integer >= 0 (0: no edge push)"),
+    "refine": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
     "time_budget": (_is_real, lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0 (or omit it)"),
     "max_scorings": (_is_int, lambda v: v >= 1, "an integer >= 1 (or omit it)"),
     "seed": (_is_int, lambda v: 0 <= v <= _MAX_SEED, "an integer in 0..2**63-1"),
@@ -240,6 +241,7 @@ class CompressConfig:
     strategy: str = "predictor"
     predictor: str = "auto"            # loss model of the predictor strategy (network_search)
     edge_tries: int = 4                # full-set scorings of the edge push (verification)
+    refine: bool = True                # output-aware refinement of Gemm/MatMul/Conv candidates (refinement)
     time_budget: float | None = None   # seconds
     max_scorings: int | None = None
     seed: int = 0

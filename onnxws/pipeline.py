@@ -25,7 +25,7 @@ from onnxws.cache import ScoreCache
 from onnxws.clustering import share_weight_all_k
 from onnxws.config import CompressConfig
 from onnxws.data import EvalData, find_sidecar_data, load_data
-from onnxws.discovery import Discovery, constant_tensors, find_weights, weight_values
+from onnxws.discovery import Discovery, constant_tensors, find_weights
 from onnxws.encoding import EncodeResult, decoded_weights, encode_model, model_weight_bytes
 from onnxws.errors import BudgetError, InputError, NothingToShareError, VerificationError
 from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_unit, within_budget
@@ -33,6 +33,8 @@ from onnxws.layer_search import choose_granularities, layer_sensitivity
 from onnxws.loading import check_model, load_model, message_bytes, model_sha256, without_payloads
 from onnxws.metrics import Metric, resolve_metric
 from onnxws.network_search import uniform_baseline
+from onnxws.refinement import Moments, Plan, measure_moments, refine_all
+from onnxws.refinement import plan as plan_refinement
 from onnxws.scoring import Scorer, evaluate_model
 from onnxws.sharing import Granularity, SharedWeight, index_bits
 from onnxws.verification import EDGE_MIN_PROBABILITY, SubsetNoise, Verification, search_and_verify
@@ -151,35 +153,7 @@ def compress(
         raise NothingToShareError(f"the model has no shareable weight tensor ({reasons})")
     timings["load"] = time.perf_counter() - t0
 
-    # 2. Cluster ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    shares: dict[str, dict[int, SharedWeight]] = {}
-    variants: dict[str, dict[str, tuple[list[Option], dict[int, SharedWeight]]]] = {}  # granularity "auto"
-    layers: list[Layer] = []
-    for i, info in enumerate(discovery.weights):
-        notify("cluster", i, len(discovery.weights), info.name)
-        settings = config.settings_for(info.name, info.op_type)
-        ks = sorted({min(2 ** b, settings.k_max) for b in settings.bits})
-        values = weight_values(proto, info.name)
-        cb_bits = _dtype_bits(info.dtype)
-        kinds = [settings.granularity]
-        if settings.granularity.kind == "auto":  # both measured in the layer stage
-            kinds = [Granularity("tensor")]
-            if values.ndim >= 2 and values.shape[info.channel_axis] > 1:
-                kinds.append(Granularity("channel"))
-        for granularity in kinds:
-            by_k = share_weight_all_k(info.name, values, ks, granularity, info.channel_axis)
-            options_ = [Option(k, index_bits(k), sw.stored_bits(cb_bits), float(sw.inertia)) for k, sw in sorted(by_k.items())]
-            if granularity is kinds[0]:
-                shares[info.name] = by_k
-                layers.append(Layer(info.name, info.params, info.params * cb_bits, options_))
-            if len(kinds) > 1:
-                variants.setdefault(info.name, {})[granularity.kind] = (options_, by_k)
-        del values
-    notify("cluster", len(discovery.weights), len(discovery.weights), "done")
-    timings["cluster"] = time.perf_counter() - t0
-
-    # 3. Scorer ----------------------------------------------------------------------------
+    # 2. Scorer ----------------------------------------------------------------------------
     t0 = time.perf_counter()
     score_cache = _open_cache(cache)
     scorer = Scorer(proto, [w.name for w in discovery.weights], eval_data, metric, device=config.device,
@@ -189,7 +163,68 @@ def compress(
         # and encoding puts the identical bytes back for the weights that stay unshared. Its hash
         # (for the report) is taken first.
         model_hash = model_sha256(proto)
-        proto, _ = without_payloads(proto, scorer.originals)
+        originals = scorer.originals
+        proto, _ = without_payloads(proto, originals)
+        timings["setup"] = time.perf_counter() - t0
+
+        # 3. Input moments of the refinable layers (one pass over the search subset) ----------
+        t0 = time.perf_counter()
+        moments: dict[str, Moments] = {}
+        refine_plan = Plan(reasons={w.name: "refinement off (--no-refine)" for w in discovery.weights})
+        if config.refine:
+            refine_plan = plan_refinement(proto, {w.name: w.shape for w in discovery.weights})
+            n_batches = scorer.n_batches("search")
+            done = [0]
+
+            def read(names: list[str]):
+                return scorer.activations(names, "search")
+
+            def measured(message: str) -> None:
+                done[0] += 1
+                notify("calibrate", done[0], n_batches, message)
+
+            moments = measure_moments(read, refine_plan, {w.name: w.shape for w in discovery.weights}, n_batches,
+                                      seed=config.seed, progress=measured)
+        timings["calibrate"] = time.perf_counter() - t0
+
+        # 4. Cluster, then refine ---------------------------------------------------------------
+        t0 = time.perf_counter()
+        refine_seconds = 0.0
+        shares: dict[str, dict[int, SharedWeight]] = {}
+        variants: dict[str, dict[str, tuple[list[Option], dict[int, SharedWeight]]]] = {}  # granularity "auto"
+        output_errors: dict[str, dict[str, dict[int, float]]] = {}  # name -> granularity -> k -> refined error
+        layers: list[Layer] = []
+        for i, info in enumerate(discovery.weights):
+            notify("cluster", i, len(discovery.weights), info.name)
+            settings = config.settings_for(info.name, info.op_type)
+            ks = sorted({min(2 ** b, settings.k_max) for b in settings.bits})
+            values = originals[info.name]
+            cb_bits = _dtype_bits(info.dtype)
+            kinds = [settings.granularity]
+            if settings.granularity.kind == "auto":  # both measured in the layer stage
+                kinds = [Granularity("tensor")]
+                if values.ndim >= 2 and values.shape[info.channel_axis] > 1:
+                    kinds.append(Granularity("channel"))
+            for granularity in kinds:
+                by_k = share_weight_all_k(info.name, values, ks, granularity, info.channel_axis)
+                damage = {k: float(sw.inertia) for k, sw in by_k.items()}
+                if info.name in moments:  # damage proxy: the output error (refined), not the weights'
+                    t_refine = time.perf_counter()
+                    by_k, damage = refine_all(by_k, values, moments[info.name])
+                    output_errors.setdefault(info.name, {})[str(granularity)] = damage
+                    refine_seconds += time.perf_counter() - t_refine
+                options_ = [Option(k, index_bits(k), sw.stored_bits(cb_bits), damage[k]) for k, sw in sorted(by_k.items())]
+                if granularity is kinds[0]:
+                    shares[info.name] = by_k
+                    layers.append(Layer(info.name, info.params, info.params * cb_bits, options_))
+                if len(kinds) > 1:
+                    variants.setdefault(info.name, {})[granularity.kind] = (options_, by_k)
+            del values
+        refined_rows = {name: m.rows for name, m in moments.items()}
+        moments.clear()
+        notify("cluster", len(discovery.weights), len(discovery.weights), "done")
+        timings["cluster"] = time.perf_counter() - t0 - refine_seconds
+        timings["refine"] = refine_seconds
 
         def evaluate(tuples: list[dict[str, int]], subset: str) -> list[tuple]:
             # Decoded one candidate at a time as the scorer reaches it: a request of n whole-model
@@ -201,7 +236,6 @@ def compress(
         ctx = SearchContext(layers, evaluate, baseline, config.loss, config.loss_mode,
                             time_budget=config.time_budget, max_scorings=config.max_scorings, progress=notify,
                             clock=time.perf_counter, start=t_total)  # the time budget covers the whole run
-        timings["setup"] = time.perf_counter() - t0
 
         # 4. Layer stage ---------------------------------------------------------------------
         t0 = time.perf_counter()
@@ -276,6 +310,7 @@ def compress(
             encoded=encoded, emitted_value=emitted_value, scorer_value=scorer_value, final_loss=final_loss,
             bytes_before=bytes_before, timings=timings, outcome=outcome, uniform=(uniform_tuple, uniform_full, uniform_tried),
             proxy_stats=proxy_stats, verification=verification,
+            refinement=(refine_plan, output_errors, refined_rows),
         )
     finally:
         scorer.close()
@@ -371,9 +406,11 @@ def _versions() -> dict[str, str]:
 def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: EvalData, metric: str, scorer: Scorer,
                   ctx: SearchContext, config: CompressConfig, discovery: Discovery, shares, chosen,
                   encoded: EncodeResult, emitted_value: float, scorer_value: float, final_loss: float,
-                  bytes_before: int, timings: dict, outcome, uniform, proxy_stats, verification: Verification) -> dict:
+                  bytes_before: int, timings: dict, outcome, uniform, proxy_stats, verification: Verification,
+                  refinement: tuple[Plan, dict, dict]) -> dict:
     mode = config.loss_mode
     unit = loss_unit(mode)
+    refine_plan, output_errors, refined_rows = refinement
     info_by_name = {w.name: w for w in discovery.weights}
     layer_by_name = {layer.name: layer for layer in ctx.layers}
     enc_by_name = {t.name: t for t in encoded.tensors}
@@ -393,7 +430,11 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
         info = info_by_name[layer.name]
         k = chosen.get(layer.name)
         enc = enc_by_name.get(layer.name)
+        granularity = str(shares[layer.name][k].granularity) if k else None
+        errors = output_errors.get(layer.name, {})
+        errors = errors.get(granularity) or next(iter(errors.values()), {})
         candidates = [{"k": opt.k, "bits": opt.bits, "loss": layer.loss_alone.get(opt.k),
+                       "output_error": errors.get(opt.k),
                        "divergence": layer.divergence_alone.get(opt.k),
                        "source": layer.loss_source.get(opt.k), "candidate": opt.k in layer.candidates}
                       for opt in layer.options]
@@ -402,7 +443,8 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
             "dtype": info.dtype, "source": info.source,
             "k": k, "bits": index_bits(k) if k else None,
             "index_dtype": enc.index_dtype if enc else "unshared",
-            "granularity": str(shares[layer.name][k].granularity) if k else None,
+            "granularity": granularity,
+            "refined": layer.name in output_errors, "refine_reason": refine_plan.reasons.get(layer.name),
             "n_codebooks": shares[layer.name][k].n_codebooks if k else None,
             "loss_alone": layer.loss_alone.get(k) if k else None,
             "stored_bytes": enc.stored_bytes if enc else info.params * _dtype_bits(info.dtype) // 8,
@@ -446,6 +488,9 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
                         "bytes_before": int(bytes_before), "bytes_after": int(bytes_after),
                         "weight_bytes_before": int(all_bits // 8), "weight_bytes_after": int(weight_bytes_after),
                         "graph_overhead_bytes": int(bytes_after - weight_bytes_after)},
+        "refinement": {"enabled": config.refine, "refined": sorted(output_errors),
+                       "input_vectors": dict(sorted(refined_rows.items())),
+                       "not_refined": [{"name": n, "reason": r} for n, r in refine_plan.reasons.items()]},
         "uniform_baseline": uniform_report,
         "layers": layers,
         "skipped": [{"name": s.name, "reason": s.reason, "op_type": s.op_type, "shape": list(s.shape),

@@ -36,7 +36,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -440,10 +440,10 @@ def _sub_model(prepared: _Prepared, nodes: list[onnx.NodeProto], inputs: list[on
     return _Prepared(sub, stored, [w for w in weights if w in stored], "")
 
 
-def _prefix_model(prepared: _Prepared, cut: _Cut) -> _Prepared:
-    """The ancestors of the cut's activations and kept outputs; those are its outputs."""
+def _producer_model(prepared: _Prepared, names: Sequence[str]) -> _Prepared:
+    """The ancestors of the tensors ``names`` (computed by the graph); those are its outputs."""
     graph = prepared.model.graph
-    wanted = set(cut.activations) | set(cut.kept)
+    wanted = set(names)
     nodes = []
     for node in reversed(graph.node):
         if any(o in wanted for o in node.output):
@@ -451,8 +451,13 @@ def _prefix_model(prepared: _Prepared, cut: _Cut) -> _Prepared:
             wanted.update(_node_refs(node))
     nodes.reverse()
     declared = {o.name: o for o in graph.output}
-    outputs = [declared.get(name) or onnx.ValueInfoProto(name=name) for name in cut.activations + cut.kept]
+    outputs = [declared.get(name) or onnx.ValueInfoProto(name=name) for name in names]
     return _sub_model(prepared, nodes, list(graph.input), outputs, [])
+
+
+def _prefix_model(prepared: _Prepared, cut: _Cut) -> _Prepared:
+    """The ancestors of the cut's activations and kept outputs; those are its outputs."""
+    return _producer_model(prepared, cut.activations + cut.kept)
 
 
 def _rank_only(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
@@ -728,6 +733,30 @@ class Scorer:
         self._check_candidate(candidate)
         return self._run(candidate, subset)
 
+    def n_batches(self, subset: str = "search") -> int:
+        """Runs one pass over ``subset`` takes."""
+        self._check_subset(subset)
+        return len(self._batches_for(subset))
+
+    def activations(self, names: Sequence[str], subset: str = "search", *,
+                    max_bytes: int = ACTIVATION_BUDGET) -> Iterator[dict[str, np.ndarray]]:
+        """Values of tensors of the unmodified model (activations, or graph inputs) over ``subset``;
+        not a scoring. Yields one dict per run; arrays whose axis 0 is the batch are trimmed to
+        the batch's real samples. When one batch's values would exceed ``max_bytes`` (measured
+        on its first sample), the names are read in groups, each over every batch: a name then
+        appears in several dicts, each batch once per name.
+        """
+        self._check_subset(subset)
+        names = list(dict.fromkeys(names))
+        unknown = [n for n in names if n not in self._tensor_names()]
+        if unknown:
+            raise ValueError(f"no tensor named {unknown[0]!r} in the model")
+        batches = self._batches_for(subset)
+        if not names or not batches:
+            return
+        for group in self._activation_groups(names, batches, max_bytes):
+            yield from self._read_tensors(group, batches)
+
     def reference_outputs(self, subset: str = "full") -> list[np.ndarray]:
         """Outputs of the unmodified model on ``subset`` (what top-1 agreement compares with)."""
         self._check_subset(subset)
@@ -861,6 +890,56 @@ class Scorer:
         if acts is not None:
             self._activation_bytes += used
         return acts
+
+    def _tensor_names(self) -> set[str]:
+        graph = self._prepared.model.graph
+        return {vi.name for vi in graph.input} | {o for node in graph.node for o in node.output if o}
+
+    def _read_tensors(self, names: list[str], batches: list[Batch]) -> Iterator[dict[str, np.ndarray]]:
+        inputs = {vi.name for vi in self._prepared.model.graph.input}
+        computed = [n for n in names if n not in inputs]
+        engine = sess = values = None
+        if computed:
+            engine = _SessionEngine(_producer_model(self._prepared, computed), self.providers, self.threads, self._shared_arena)
+            sess, values = engine.session({})
+        try:
+            for feeds, real in batches:
+                rows = next(iter(feeds.values())).shape[0]
+                t0 = time.perf_counter()
+                out = {n: feeds[n] for n in names if n in inputs}
+                if computed:
+                    out.update(zip(computed, sess.run(computed, feeds)))
+                self.seconds_running += time.perf_counter() - t0
+                yield {n: a[:real] if real < rows and a.ndim and a.shape[0] == rows else a for n, a in out.items()}
+        finally:
+            del sess, values
+            if engine is not None:
+                engine.close()
+
+    def _activation_groups(self, names: list[str], batches: list[Batch], max_bytes: int) -> list[list[str]]:
+        """``names`` split so that one batch's values of a group fit in ``max_bytes`` (a name
+        bigger than that alone is a group of its own)."""
+        feeds, _ = batches[0]
+        rows = next(iter(feeds.values())).shape[0]
+        if self._fixed_batch:  # the model takes exactly this batch: measure it whole
+            probe = [(feeds, rows)]
+        else:
+            probe = [({k: v[:1] for k, v in feeds.items()}, 1)]
+        reader = self._read_tensors(names, probe)
+        try:
+            first = next(reader)
+        finally:
+            reader.close()  # its session now, not when the generator is collected
+        sizes = {n: a.nbytes * (rows if not self._fixed_batch else 1) for n, a in first.items()}
+        groups: list[list[str]] = [[]]
+        used = 0
+        for name in names:
+            if groups[-1] and used + sizes[name] > max_bytes:
+                groups.append([])
+                used = 0
+            groups[-1].append(name)
+            used += sizes[name]
+        return groups
 
     def _evaluate(self, outputs: list[np.ndarray], subset: str) -> float:
         return float(self.metric.fn(outputs, self._metric_data(subset)))

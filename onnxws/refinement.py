@@ -1,0 +1,464 @@
+"""Output-aware refinement of shared weights (the ``refine`` stage, after clustering).
+
+k-means minimises the error of the weights; what a layer passes on is the error of its
+output. For a weight read by Gemm, MatMul or Conv, one output channel ``w`` (a row of the
+weight seen as [output channels, inputs]) rebuilt as ``w'`` changes the layer's output by
+``(w - w') . x``; over the layer's inputs ``x`` its mean squared change is
+``(w - w')^T H (w - w')`` with ``H = E[x x^T]``, measured once on the search subset
+(Conv: on sampled input patches, one H per convolution group).
+
+For each candidate of the clustering stage this stage keeps the encoding (a codebook and
+indices into it) and lowers that output error:
+
+1. **Assignment with error feedback**: the indices are chosen column by column, most
+   important input first (largest ``H_jj``), and each column's rounding error is folded
+   into the columns not yet assigned through ``H^-1`` (the optimal-brain-quantisation update
+   of GPTQ, Frantar et al. 2023, here with a codebook instead of a uniform grid);
+2. **Codebook refit**: the codebook values that minimise the same error for those indices
+   (a least-squares problem in the k values, solved by conjugate gradients);
+
+repeated for a few rounds. The candidate keeps whichever of the k-means form and the rounds
+has the smallest output error, so refinement never makes that error worse; the layer and
+network stages then measure the real loss as before. Weights read by other ops (LSTM, Gather,
+...) or too large to refine keep their k-means form; the report says which and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxws.sharing import SharedWeight
+
+logger = logging.getLogger("onnxws")
+
+ROUNDS = 4  # assignment + refit rounds per candidate
+DAMPING = 0.01  # added to H's diagonal, as a fraction of its mean (GPTQ's default)
+REFIT_ITERATIONS = 8  # conjugate-gradient steps of a codebook refit (exact for k <= 8, one codebook)
+SAMPLE_ROWS = 65536  # input vectors sampled per layer to estimate H
+MAX_INPUTS = 8192  # inputs per output channel (H is that squared, float64)
+MAX_WORK = 2e10  # multiply-adds of one pass over a weight (outputs x inputs^2): above, not refined
+BLOCK = 128  # columns assigned between two whole-matrix error updates
+_FLOAT_CASTS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """How one consumer node reads a weight.
+
+    Attributes:
+        activation: the consumer's data input (the tensor whose second moments are measured).
+        op: ``gemm``, ``matmul`` or ``conv``.
+        out_axis: axis of the stored weight holding the consumer's output channels.
+        transposed: Gemm ``transA``: the data input is [inputs, rows].
+        kernel, strides, dilations, pads (begin..., end...), auto_pad, group: Conv attributes.
+    """
+
+    activation: str
+    op: str
+    out_axis: int
+    transposed: bool = False
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+    group: int = 1
+
+
+@dataclass
+class Plan:
+    """What the refine stage can do: the probes of each refinable weight, and why the others are not refined."""
+
+    probes: dict[str, list[Probe]] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Moments:
+    """``H = E[x x^T]`` of one weight's inputs: [blocks, inputs, inputs] float64 (Conv: one block
+    per convolution group, whose output channels are consecutive), and the weight's row layout."""
+
+    h: np.ndarray
+    out_axis: int
+    rows: int = 0
+
+    @property
+    def inputs(self) -> int:
+        return int(self.h.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Which weights can be refined
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            value = onnx.helper.get_attribute_value(attr)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+def _probe(node: onnx.NodeProto, index: int, shape: tuple[int, ...]) -> Probe | str:
+    """The probe of ``node`` reading a weight of ``shape`` at input ``index``, or why there is none."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return f"read by {node.domain}.{op}"
+    if op == "Gemm" and index == 1 and len(shape) == 2:
+        return Probe(node.input[0], "gemm", 0 if _attr(node, "transB", 0) else 1, transposed=bool(_attr(node, "transA", 0)))
+    if op == "MatMul" and index == 1 and len(shape) == 2:
+        return Probe(node.input[0], "matmul", 1)
+    if op == "Conv" and index == 1 and len(shape) in (3, 4):
+        spatial = len(shape) - 2
+        kernel = tuple(int(d) for d in shape[2:])
+        pads = tuple(int(p) for p in _attr(node, "pads", [0] * (2 * spatial)))
+        return Probe(node.input[0], "conv", 0, kernel=kernel,
+                     strides=tuple(int(s) for s in _attr(node, "strides", [1] * spatial)),
+                     dilations=tuple(int(d) for d in _attr(node, "dilations", [1] * spatial)),
+                     pads=pads, auto_pad=str(_attr(node, "auto_pad", "NOTSET")), group=int(_attr(node, "group", 1)))
+    if op == "Conv":
+        return "read by a 3-D convolution"
+    if op in ("Gemm", "MatMul"):
+        return f"first operand or batched weight of {op}"
+    return f"read by {op} (only Gemm, MatMul and Conv weights are refined)"
+
+
+def plan(model: onnx.ModelProto, weights: Mapping[str, tuple[int, ...]]) -> Plan:
+    """Probes of each weight (``name -> shape``): every node reading it, directly or through
+    float Casts, must be a Gemm/MatMul second operand or a 1-D/2-D Conv weight, all with the
+    same output axis."""
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name:
+                uses.setdefault(name, []).append((node, i))
+    out = Plan()
+    for name, shape in weights.items():
+        probes: list[Probe] = []
+        reason = ""
+        pending, seen = [name], 0
+        while pending and not reason:
+            tensor = pending.pop()
+            seen += 1
+            for node, index in uses.get(tensor, []):
+                if node.op_type == "Cast" and _attr(node, "to", 0) in _FLOAT_CASTS and seen < 4:
+                    pending.extend(o for o in node.output if o)
+                    continue
+                probe = _probe(node, index, shape)
+                if isinstance(probe, str):
+                    reason = probe
+                    break
+                probes.append(probe)
+        if not reason and not probes:
+            reason = "no consumer node in the main graph"
+        if not reason and len({(p.out_axis, p.group) for p in probes}) > 1:
+            reason = "its consumers read it with different layouts"
+        if not reason:
+            outputs = shape[probes[0].out_axis]
+            inputs = math.prod(shape) // max(outputs, 1)
+            if inputs > MAX_INPUTS:
+                reason = f"{inputs} inputs per output channel > {MAX_INPUTS}"
+            elif outputs * inputs * inputs > MAX_WORK * max(p.group for p in probes):
+                reason = f"too large to refine ({outputs} x {inputs}^2 multiply-adds per pass > {MAX_WORK:.0e})"
+        if reason:
+            out.reasons[name] = reason
+        else:
+            out.probes[name] = probes
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Second moments of the inputs
+
+
+def _conv_patches(x: np.ndarray, probe: Probe, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` input patches [count, group, channels/group * prod(kernel)] of ``x`` [N, C, *spatial]
+    at output positions drawn uniformly (all of them when there are fewer)."""
+    spatial = len(probe.kernel)
+    if spatial == 1:  # a 1-D convolution is a 2-D one with a unit first axis
+        x = x[:, :, None, :]
+        kernel, strides, dilations = (1, *probe.kernel), (1, *probe.strides), (1, *probe.dilations)
+        pads = (0, probe.pads[0], 0, probe.pads[1]) if probe.pads else (0, 0, 0, 0)
+    else:
+        kernel, strides, dilations, pads = probe.kernel, probe.strides, probe.dilations, probe.pads
+    n, channels, height, width = x.shape
+    span = [(kernel[i] - 1) * dilations[i] + 1 for i in range(2)]
+    size = (height, width)
+    if probe.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        out = [-(-size[i] // strides[i]) for i in range(2)]
+        total = [max((out[i] - 1) * strides[i] + span[i] - size[i], 0) for i in range(2)]
+        small = [t // 2 for t in total]
+        begin = small if probe.auto_pad == "SAME_UPPER" else [t - s for t, s in zip(total, small)]
+        pads = (begin[0], begin[1], total[0] - begin[0], total[1] - begin[1])
+    elif probe.auto_pad == "VALID" or not pads:
+        pads = (0, 0, 0, 0)
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    out = [(padded.shape[2 + i] - span[i]) // strides[i] + 1 for i in range(2)]
+    positions = n * out[0] * out[1]
+    if positions <= 0:
+        return np.zeros((0, probe.group, channels // probe.group * math.prod(kernel)), dtype=np.float64)
+    chosen = np.arange(positions) if positions <= count else np.sort(rng.choice(positions, count, replace=False))
+    sample, rest = np.divmod(chosen, out[0] * out[1])
+    oy, ox = np.divmod(rest, out[1])
+    ys = oy[:, None] * strides[0] + np.arange(kernel[0]) * dilations[0]
+    xs = ox[:, None] * strides[1] + np.arange(kernel[1]) * dilations[1]
+    patches = padded[sample[:, None, None, None], np.arange(channels)[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
+    return patches.reshape(len(chosen), probe.group, -1)
+
+
+def _rows(x: np.ndarray, probe: Probe, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Input vectors [rows, blocks, inputs] of one batch of ``probe``'s activation."""
+    if probe.op == "conv":
+        return _conv_patches(x, probe, count, rng)
+    if probe.op == "gemm":
+        vectors = x.T if probe.transposed else x
+    else:
+        vectors = x.reshape(-1, x.shape[-1])
+    if len(vectors) > count:
+        vectors = vectors[np.sort(rng.choice(len(vectors), count, replace=False))]
+    return vectors[:, None, :]
+
+
+def measure_moments(read: Callable[[list[str]], Iterable[Mapping[str, np.ndarray]]], plan_: Plan,
+                    shapes: Mapping[str, tuple[int, ...]], n_batches: int, *, seed: int = 0,
+                    rows: int = SAMPLE_ROWS, progress: Callable[[str], None] | None = None) -> dict[str, Moments]:
+    """``H`` of every weight in ``plan_`` from the activations ``read(names)`` yields (dicts of
+    activation arrays per batch; ``n_batches`` per name). Up to ``rows`` input vectors per
+    weight, spread evenly over the batches, drawn with ``seed``. Weights whose activations
+    do not have the expected shape move to ``plan_.reasons``."""
+    rng = np.random.default_rng(seed)
+    per_batch = max(1, -(-rows // max(n_batches, 1)))
+    by_activation: dict[str, list[tuple[str, Probe]]] = {}
+    for name, probes in plan_.probes.items():
+        for probe in probes:
+            by_activation.setdefault(probe.activation, []).append((name, probe))
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    broken: dict[str, str] = {}
+    for batch in read(list(by_activation)):
+        for activation, value in batch.items():
+            for name, probe in by_activation.get(activation, []):
+                if name in broken:
+                    continue
+                why = _check_activation(value, probe, shapes[name])
+                if why:
+                    broken[name] = why
+                    continue
+                vectors = _rows(np.asarray(value), probe, per_batch, rng).astype(np.float64)
+                if vectors.shape[-1] * vectors.shape[1] == 0:
+                    continue
+                # One block per convolution group; H summed over every consumer of the weight.
+                block = np.einsum("rgi,rgj->gij", vectors, vectors) if vectors.shape[1] > 1 else (vectors[:, 0].T @ vectors[:, 0])[None]
+                sums[name] = block if name not in sums else sums[name] + block
+                counts[name] = counts.get(name, 0) + len(vectors)
+        if progress is not None:
+            progress(f"{len(batch)} activations")
+    out: dict[str, Moments] = {}
+    for name, probes in list(plan_.probes.items()):
+        if name in broken or not counts.get(name):
+            plan_.reasons[name] = broken.get(name, "no input vectors measured")
+            del plan_.probes[name]
+            continue
+        out[name] = Moments(sums[name] / counts[name], probes[0].out_axis, counts[name])
+    return out
+
+
+def _check_activation(value: np.ndarray, probe: Probe, shape: tuple[int, ...]) -> str:
+    if value.dtype.kind != "f":
+        return f"its input {probe.activation!r} is {value.dtype}, not float"
+    inputs = math.prod(shape) // shape[probe.out_axis]
+    if probe.op == "conv":
+        if value.ndim != len(shape) or value.shape[1] != shape[1] * probe.group:
+            return f"its input {probe.activation!r} has shape {list(value.shape)}"
+        return ""
+    width = value.shape[0] if probe.transposed else value.shape[-1]
+    if value.ndim < 1 or width != inputs or (probe.op == "gemm" and value.ndim != 2):
+        return f"its input {probe.activation!r} has shape {list(value.shape)}"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Refinement of one candidate
+
+
+class _Layout:
+    """A stored weight seen as [output channels, inputs] rows, in convolution-group blocks."""
+
+    def __init__(self, shape: tuple[int, ...], out_axis: int, blocks: int):
+        self.shape = shape
+        self.out_axis = out_axis
+        self.moved = (shape[out_axis], *[d for i, d in enumerate(shape) if i != out_axis])
+        self.outputs = shape[out_axis]
+        self.inputs = math.prod(shape) // max(self.outputs, 1)
+        self.blocks = blocks
+        self.per_block = self.outputs // blocks
+
+    def rows(self, array: np.ndarray) -> np.ndarray:
+        return np.moveaxis(np.broadcast_to(array, self.shape), self.out_axis, 0).reshape(self.outputs, self.inputs)
+
+    def stored(self, rows: np.ndarray) -> np.ndarray:
+        return np.moveaxis(rows.reshape(self.moved), 0, self.out_axis)
+
+    def block(self, b: int) -> slice:
+        return slice(b * self.per_block, (b + 1) * self.per_block)
+
+
+def _output_error(weights: np.ndarray, rebuilt: np.ndarray, h: np.ndarray, layout: _Layout) -> float:
+    total = 0.0
+    for b in range(layout.blocks):
+        diff = weights[layout.block(b)] - rebuilt[layout.block(b)]
+        total += float(np.sum((diff @ h[b]) * diff))
+    return total
+
+
+def _inverse_factor(h: np.ndarray) -> np.ndarray | None:
+    """Upper Cholesky factor U of the damped H's inverse (H^-1 = U^T U), or None if H is degenerate."""
+    h = h.copy()
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    mean = float(np.mean(np.diag(h)))
+    for damping in (DAMPING, DAMPING * 10, DAMPING * 100):
+        try:
+            damped = h + damping * mean * np.eye(len(h))
+            return np.linalg.cholesky(np.linalg.inv(damped)).T
+        except np.linalg.LinAlgError:
+            continue
+    return None
+
+
+def _nearest(column: np.ndarray, books: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Index of the nearest codebook value of each element (``groups``: its codebook, None: one)."""
+    if groups is None:
+        order = np.argsort(books[0], kind="stable")
+        values = books[0][order]
+        pos = np.clip(np.searchsorted(values, column), 1, len(values) - 1) if len(values) > 1 else np.zeros(len(column), np.int64)
+        if len(values) > 1:
+            pos = pos - ((column - values[pos - 1]) <= (values[pos] - column))
+        return order[pos]
+    return np.argmin(np.abs(column[:, None] - books[groups]), axis=1)
+
+
+def _assign(weights: np.ndarray, books: np.ndarray, groups: np.ndarray | None, order: np.ndarray,
+            factor: np.ndarray) -> np.ndarray:
+    """Indices of one block's rows [rows, inputs], columns in ``order``, each column's rounding error
+    folded into the later ones through the inverse factor (itself in ``order``)."""
+    work = weights[:, order].copy()
+    cols = None if groups is None else groups[:, order]
+    indices = np.empty(work.shape, dtype=np.int64)
+    n = work.shape[1]
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        errors = np.empty((work.shape[0], stop - start))
+        for j in range(start, stop):
+            column = work[:, j]
+            chosen = _nearest(column, books, None if cols is None else cols[:, j])
+            indices[:, j] = chosen
+            picked = books[0][chosen] if cols is None else books[cols[:, j], chosen]
+            error = (column - picked) / factor[j, j]
+            work[:, j + 1:stop] -= np.outer(error, factor[j, j + 1:stop])
+            errors[:, j - start] = error
+        if stop < n:
+            work[:, stop:] -= errors @ factor[start:stop, stop:]
+    out = np.empty_like(indices)
+    out[:, order] = indices
+    return out
+
+
+def _refit(weights: np.ndarray, indices: np.ndarray, groups: np.ndarray, books: np.ndarray, h: np.ndarray,
+           layout: _Layout) -> np.ndarray:
+    """Codebook values minimising the output error for fixed indices (conjugate gradients on the
+    normal equations, from the current values; values no index uses stay as they are)."""
+    k = books.shape[1]
+    slots = (groups * k + indices).reshape(-1)
+    n = books.size
+
+    def products(matrix: np.ndarray) -> np.ndarray:  # matrix rows times their block's H
+        out = np.empty_like(matrix)
+        for b in range(layout.blocks):
+            out[layout.block(b)] = matrix[layout.block(b)] @ h[b]
+        return out
+
+    def apply(values: np.ndarray) -> np.ndarray:
+        return np.bincount(slots, weights=products(values[slots].reshape(weights.shape)).reshape(-1), minlength=n)
+
+    values = books.reshape(-1).astype(np.float64)
+    target = np.bincount(slots, weights=products(weights).reshape(-1), minlength=n)
+    residual = target - apply(values)
+    direction = residual.copy()
+    norm = float(residual @ residual)
+    scale = float(target @ target)
+    for _ in range(min(REFIT_ITERATIONS, n)):
+        if norm <= 1e-24 * max(scale, 1e-300):
+            break
+        step = apply(direction)
+        curvature = float(direction @ step)
+        if curvature <= 0:
+            break
+        alpha = norm / curvature
+        values += alpha * direction
+        residual -= alpha * step
+        new_norm = float(residual @ residual)
+        direction = residual + (new_norm / norm) * direction
+        norm = new_norm
+    return values.reshape(books.shape)
+
+
+def refine(shared: SharedWeight, original: np.ndarray, moments: Moments, *, rounds: int = ROUNDS) -> tuple[SharedWeight, float, float]:
+    """A refined form of ``shared`` (same k, codebook layout and dtype), its output error and
+    the k-means form's, both ``sum over output channels of (w - w')^T H (w - w')``. Returns
+    ``shared`` itself when no round lowers the error (or H cannot be factored)."""
+    blocks = moments.h.shape[0]
+    layout = _Layout(shared.shape, moments.out_axis, blocks)
+    weights = layout.rows(original.astype(np.float64))
+    groups = layout.rows(shared.group_ids()).astype(np.int64) if shared.n_codebooks > 1 else np.zeros(weights.shape, np.int64)
+    dtype = shared.codebooks.dtype
+    best_error = start_error = _output_error(weights, layout.rows(shared.decode().astype(np.float64)), moments.h, layout)
+    best: tuple[np.ndarray, np.ndarray] | None = None
+    factors, orders = [], []
+    for b in range(blocks):
+        h = moments.h[b]
+        order = np.argsort(-np.diag(h), kind="stable")
+        factor = _inverse_factor(h[np.ix_(order, order)])
+        if factor is None:
+            return shared, start_error, start_error
+        factors.append(factor)
+        orders.append(order)
+    books = shared.codebooks.astype(np.float64)
+    single = shared.n_codebooks == 1
+    for _ in range(rounds):
+        indices = np.empty(weights.shape, dtype=np.int64)
+        for b in range(blocks):
+            rows = layout.block(b)
+            indices[rows] = _assign(weights[rows], books, None if single else groups[rows], orders[b], factors[b])
+        books = _refit(weights, indices, groups, books, moments.h, layout)
+        stored_books = books.astype(dtype)  # the error of what will be stored
+        error = _output_error(weights, stored_books.astype(np.float64)[groups, indices], moments.h, layout)
+        if error < best_error:
+            best_error, best = error, (stored_books, indices)
+    if best is None:
+        return shared, start_error, start_error
+    stored_books, indices = best
+    stored_indices = np.ascontiguousarray(layout.stored(indices)).astype(shared.indices.dtype)
+    rebuilt = SharedWeight(shared.name, stored_books, stored_indices, shared.channel_axis, shared.group_size, shared.granularity)
+    inertia = float(np.sum((rebuilt.decode().astype(np.float64) - original.astype(np.float64)) ** 2))
+    result = SharedWeight(shared.name, stored_books, stored_indices, shared.channel_axis, shared.group_size,
+                          shared.granularity, inertia)
+    return result, best_error, start_error
+
+
+def refine_all(candidates: Mapping[int, SharedWeight], original: np.ndarray, moments: Moments) -> tuple[dict[int, SharedWeight], dict[int, float]]:
+    """``refine`` for every k of one weight: the kept forms and their output errors."""
+    kept: dict[int, SharedWeight] = {}
+    errors: dict[int, float] = {}
+    for k, shared in sorted(candidates.items()):
+        kept[k], errors[k], _ = refine(shared, original, moments)
+    return kept, errors
+
+
+__all__: Sequence[str] = ("Plan", "Probe", "Moments", "plan", "measure_moments", "refine", "refine_all")
