@@ -5,7 +5,10 @@ output. For a weight read by Gemm, MatMul or Conv, one output channel ``w`` (a r
 weight seen as [output channels, inputs]) rebuilt as ``w'`` changes the layer's output by
 ``(w - w') . x``; over the layer's inputs ``x`` its mean squared change is
 ``(w - w')^T H (w - w')`` with ``H = E[x x^T]``, measured once on the search subset
-(Conv: on sampled input patches, one H per convolution group).
+(Conv: on sampled input patches, one H per convolution group). A one-direction LSTM/GRU/RNN
+is the same per time step: W meets the input sequence, R the hidden state of the step
+before (read from the op's Y output; for GRU's hidden gate with ``linear_before_reset=0``
+R meets ``r * h``, so there the objective is an approximation).
 
 For each candidate of the clustering stage this stage keeps the encoding (a codebook and
 indices into it) and lowers that output error:
@@ -19,8 +22,8 @@ indices into it) and lowers that output error:
 
 repeated for a few rounds. The candidate keeps whichever of the k-means form and the rounds
 has the smallest output error, so refinement never makes that error worse; the layer and
-network stages then measure the real loss as before. Weights read by other ops (LSTM, Gather,
-...) or too large to refine keep their k-means form; the report says which and why.
+network stages then measure the real loss as before. Weights read by other ops (Gather,
+Einsum, ...) or too large to refine keep their k-means form; the report says which and why.
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ logger = logging.getLogger("onnxws")
 ROUNDS = 4  # assignment + refit rounds per candidate
 DAMPING = 0.01  # added to H's diagonal, as a fraction of its mean (GPTQ's default)
 REFIT_ITERATIONS = 8  # conjugate-gradient steps of a codebook refit (exact for k <= 8, one codebook)
-SAMPLE_ROWS = 65536  # input vectors sampled per layer to estimate H
+SAMPLE_ROWS = 65536  # most input vectors sampled per layer to estimate H ...
+ROWS_PER_INPUT = 32  # ... aiming at this many per input (H has inputs^2 entries) ...
+MIN_ROWS = 4096  # ... and at least this many
 MAX_INPUTS = 8192  # inputs per output channel (H is that squared, float64)
 MAX_WORK = 2e10  # multiply-adds of one pass over a weight (outputs x inputs^2): above, not refined
 BLOCK = 128  # columns assigned between two whole-matrix error updates
+_RECURRENT = {"LSTM", "GRU", "RNN"}
 _FLOAT_CASTS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
@@ -53,10 +59,12 @@ class Probe:
 
     Attributes:
         activation: the consumer's data input (the tensor whose second moments are measured).
-        op: ``gemm``, ``matmul`` or ``conv``.
+        op: ``gemm``, ``matmul``, ``conv``, ``sequence`` (LSTM/GRU/RNN W: the input sequence)
+            or ``recurrent`` (their R: the hidden sequence Y, one step behind).
         out_axis: axis of the stored weight holding the consumer's output channels.
         transposed: Gemm ``transA``: the data input is [inputs, rows].
         kernel, strides, dilations, pads (begin..., end...), auto_pad, group: Conv attributes.
+        time_axis: axis of the time steps in a recurrent op's X and Y (its ``layout``).
     """
 
     activation: str
@@ -69,6 +77,7 @@ class Probe:
     pads: tuple[int, ...] = ()
     auto_pad: str = "NOTSET"
     group: int = 1
+    time_axis: int = 0
 
 
 @dataclass
@@ -122,11 +131,21 @@ def _probe(node: onnx.NodeProto, index: int, shape: tuple[int, ...]) -> Probe | 
                      strides=tuple(int(s) for s in _attr(node, "strides", [1] * spatial)),
                      dilations=tuple(int(d) for d in _attr(node, "dilations", [1] * spatial)),
                      pads=pads, auto_pad=str(_attr(node, "auto_pad", "NOTSET")), group=int(_attr(node, "group", 1)))
+    if op in _RECURRENT and index in (1, 2):
+        if len(shape) != 3 or shape[0] != 1:
+            return f"{op} weight of a bidirectional layer"
+        time_axis = 1 if _attr(node, "layout", 0) else 0
+        if index == 1:  # W multiplies the input sequence x_t
+            return Probe(node.input[0], "sequence", 1, time_axis=time_axis)
+        if len(node.output) == 0 or not node.output[0]:
+            return f"{op} does not output its hidden sequence Y (what R multiplies)"
+        # R multiplies h_(t-1): Y without its last step (h_0, the initial state, is left out)
+        return Probe(node.output[0], "recurrent", 1, time_axis=time_axis)
     if op == "Conv":
         return "read by a 3-D convolution"
     if op in ("Gemm", "MatMul"):
         return f"first operand or batched weight of {op}"
-    return f"read by {op} (only Gemm, MatMul and Conv weights are refined)"
+    return f"read by {op} (only Gemm, MatMul, Conv and LSTM/GRU/RNN weights are refined)"
 
 
 def plan(model: onnx.ModelProto, weights: Mapping[str, tuple[int, ...]]) -> Plan:
@@ -198,6 +217,13 @@ def _conv_patches(x: np.ndarray, probe: Probe, count: int, rng: np.random.Genera
         pads = (begin[0], begin[1], total[0] - begin[0], total[1] - begin[1])
     elif probe.auto_pad == "VALID" or not pads:
         pads = (0, 0, 0, 0)
+    if kernel == (1, 1) and not any(pads):  # pointwise: the patches are pixels, no padded copy
+        out = [(size[i] - 1) // strides[i] + 1 for i in range(2)]
+        positions = n * out[0] * out[1]
+        chosen = np.arange(positions) if positions <= count else np.sort(rng.choice(positions, count, replace=False))
+        sample, rest = np.divmod(chosen, out[0] * out[1])
+        oy, ox = np.divmod(rest, out[1])
+        return x[sample, :, oy * strides[0], ox * strides[1]].reshape(len(chosen), probe.group, -1)
     padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     out = [(padded.shape[2 + i] - span[i]) // strides[i] + 1 for i in range(2)]
     positions = n * out[0] * out[1]
@@ -212,12 +238,19 @@ def _conv_patches(x: np.ndarray, probe: Probe, count: int, rng: np.random.Genera
     return patches.reshape(len(chosen), probe.group, -1)
 
 
+def _inputs_per_block(shape: tuple[int, ...], probe: Probe) -> int:
+    return math.prod(shape) // max(shape[probe.out_axis], 1)
+
+
 def _rows(x: np.ndarray, probe: Probe, count: int, rng: np.random.Generator) -> np.ndarray:
     """Input vectors [rows, blocks, inputs] of one batch of ``probe``'s activation."""
     if probe.op == "conv":
         return _conv_patches(x, probe, count, rng)
     if probe.op == "gemm":
         vectors = x.T if probe.transposed else x
+    elif probe.op == "recurrent":
+        steps = x.shape[probe.time_axis]
+        vectors = np.take(x, np.arange(steps - 1), axis=probe.time_axis).reshape(-1, x.shape[-1])
     else:
         vectors = x.reshape(-1, x.shape[-1])
     if len(vectors) > count:
@@ -233,7 +266,8 @@ def measure_moments(read: Callable[[list[str]], Iterable[Mapping[str, np.ndarray
     weight, spread evenly over the batches, drawn with ``seed``. Weights whose activations
     do not have the expected shape move to ``plan_.reasons``."""
     rng = np.random.default_rng(seed)
-    per_batch = max(1, -(-rows // max(n_batches, 1)))
+    wanted = {name: min(rows, max(MIN_ROWS, ROWS_PER_INPUT * _inputs_per_block(shapes[name], probes[0])))
+              for name, probes in plan_.probes.items()}
     by_activation: dict[str, list[tuple[str, Probe]]] = {}
     for name, probes in plan_.probes.items():
         for probe in probes:
@@ -250,11 +284,14 @@ def measure_moments(read: Callable[[list[str]], Iterable[Mapping[str, np.ndarray
                 if why:
                     broken[name] = why
                     continue
-                vectors = _rows(np.asarray(value), probe, per_batch, rng).astype(np.float64)
+                per_batch = max(1, -(-wanted[name] // max(n_batches, 1)))
+                vectors = _rows(np.asarray(value), probe, per_batch, rng).astype(np.float32, copy=False)
                 if vectors.shape[-1] * vectors.shape[1] == 0:
                     continue
                 # One block per convolution group; H summed over every consumer of the weight.
-                block = np.einsum("rgi,rgj->gij", vectors, vectors) if vectors.shape[1] > 1 else (vectors[:, 0].T @ vectors[:, 0])[None]
+                # Products in float32 (BLAS sums them blockwise), accumulated over batches in float64.
+                grouped = vectors.transpose(1, 0, 2)
+                block = np.matmul(grouped.transpose(0, 2, 1), grouped).astype(np.float64)
                 sums[name] = block if name not in sums else sums[name] + block
                 counts[name] = counts.get(name, 0) + len(vectors)
         if progress is not None:
@@ -287,108 +324,109 @@ def _check_activation(value: np.ndarray, probe: Probe, shape: tuple[int, ...]) -
 # Refinement of one candidate
 
 
-class _Layout:
-    """A stored weight seen as [output channels, inputs] rows, in convolution-group blocks."""
+class _Problem:
+    """One weight's refinement problem: its rows [blocks, rows per block, inputs] (float64), H per
+    block, and per block the column order (largest ``H_jj`` first) with the upper Cholesky factor
+    ``U`` of the damped, reordered H's inverse (``H^-1 = U^T U``). Shared by all its candidates."""
 
-    def __init__(self, shape: tuple[int, ...], out_axis: int, blocks: int):
-        self.shape = shape
-        self.out_axis = out_axis
-        self.moved = (shape[out_axis], *[d for i, d in enumerate(shape) if i != out_axis])
-        self.outputs = shape[out_axis]
-        self.inputs = math.prod(shape) // max(self.outputs, 1)
-        self.blocks = blocks
-        self.per_block = self.outputs // blocks
+    def __init__(self, original: np.ndarray, moments: Moments):
+        self.shape = tuple(original.shape)
+        self.out_axis = moments.out_axis
+        self.h = moments.h
+        blocks, inputs = self.h.shape[0], self.h.shape[-1]
+        outputs = self.shape[self.out_axis]
+        self.moved = (outputs, *[d for i, d in enumerate(self.shape) if i != self.out_axis])
+        self.dims = (blocks, outputs // blocks, inputs)
+        self.weights = self.rows(original.astype(np.float64))
+        self.orders = np.argsort(-np.diagonal(self.h, axis1=1, axis2=2), axis=1, kind="stable")
+        self.factors = _inverse_factors(_reorder(self.h, self.orders))
 
     def rows(self, array: np.ndarray) -> np.ndarray:
-        return np.moveaxis(np.broadcast_to(array, self.shape), self.out_axis, 0).reshape(self.outputs, self.inputs)
+        """A stored-layout array (or one broadcastable to it) as [blocks, rows, inputs]."""
+        return np.moveaxis(np.broadcast_to(array, self.shape), self.out_axis, 0).reshape(self.dims)
 
     def stored(self, rows: np.ndarray) -> np.ndarray:
         return np.moveaxis(rows.reshape(self.moved), 0, self.out_axis)
 
-    def block(self, b: int) -> slice:
-        return slice(b * self.per_block, (b + 1) * self.per_block)
+    def error(self, rebuilt: np.ndarray) -> float:
+        """Output error of rebuilt rows: sum over rows of (w - w')^T H (w - w')."""
+        diff = self.weights - rebuilt
+        return float(np.sum(np.matmul(diff, self.h) * diff))
 
 
-def _output_error(weights: np.ndarray, rebuilt: np.ndarray, h: np.ndarray, layout: _Layout) -> float:
-    total = 0.0
-    for b in range(layout.blocks):
-        diff = weights[layout.block(b)] - rebuilt[layout.block(b)]
-        total += float(np.sum((diff @ h[b]) * diff))
-    return total
+def _reorder(h: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    rows = np.take_along_axis(h, orders[:, :, None], axis=1)
+    return np.take_along_axis(rows, orders[:, None, :], axis=2)
 
 
-def _inverse_factor(h: np.ndarray) -> np.ndarray | None:
-    """Upper Cholesky factor U of the damped H's inverse (H^-1 = U^T U), or None if H is degenerate."""
+def _inverse_factors(h: np.ndarray) -> np.ndarray | None:
+    """Per block, the upper Cholesky factor of the damped H's inverse; None if H is degenerate."""
     h = h.copy()
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    mean = float(np.mean(np.diag(h)))
+    diag = np.diagonal(h, axis1=1, axis2=2).copy()
+    dead = diag <= 0
+    diag[dead] = 1.0
+    mean = diag.mean(axis=1)
+    idx = np.arange(h.shape[-1])
     for damping in (DAMPING, DAMPING * 10, DAMPING * 100):
+        damped = h.copy()
+        damped[:, idx, idx] = diag + damping * mean[:, None]
         try:
-            damped = h + damping * mean * np.eye(len(h))
-            return np.linalg.cholesky(np.linalg.inv(damped)).T
+            return np.swapaxes(np.linalg.cholesky(np.linalg.inv(damped)), 1, 2)
         except np.linalg.LinAlgError:
             continue
     return None
 
 
-def _nearest(column: np.ndarray, books: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
-    """Index of the nearest codebook value of each element (``groups``: its codebook, None: one)."""
-    if groups is None:
+def _assign(problem: _Problem, books: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Indices [blocks, rows, inputs]: columns taken in each block's order, each column's rounding
+    error folded into the later ones through the inverse factor (``groups``: each element's
+    codebook, None for one codebook)."""
+    factors = problem.factors
+    orders = np.broadcast_to(problem.orders[:, None, :], problem.dims)
+    work = np.take_along_axis(problem.weights, orders, axis=2)
+    cols = None if groups is None else np.take_along_axis(groups, orders, axis=2)
+    if groups is None:  # one codebook: nearest value by binary search over the sorted values
         order = np.argsort(books[0], kind="stable")
         values = books[0][order]
-        pos = np.clip(np.searchsorted(values, column), 1, len(values) - 1) if len(values) > 1 else np.zeros(len(column), np.int64)
-        if len(values) > 1:
-            pos = pos - ((column - values[pos - 1]) <= (values[pos] - column))
-        return order[pos]
-    return np.argmin(np.abs(column[:, None] - books[groups]), axis=1)
-
-
-def _assign(weights: np.ndarray, books: np.ndarray, groups: np.ndarray | None, order: np.ndarray,
-            factor: np.ndarray) -> np.ndarray:
-    """Indices of one block's rows [rows, inputs], columns in ``order``, each column's rounding error
-    folded into the later ones through the inverse factor (itself in ``order``)."""
-    work = weights[:, order].copy()
-    cols = None if groups is None else groups[:, order]
-    indices = np.empty(work.shape, dtype=np.int64)
-    n = work.shape[1]
+        bounds = (values[1:] + values[:-1]) / 2.0
+    flat_books = books.reshape(-1)
+    k = books.shape[1]
+    indices = np.empty(problem.dims, dtype=np.int64)
+    n = problem.dims[2]
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
-        errors = np.empty((work.shape[0], stop - start))
+        errors = np.empty((*problem.dims[:2], stop - start))
         for j in range(start, stop):
-            column = work[:, j]
-            chosen = _nearest(column, books, None if cols is None else cols[:, j])
-            indices[:, j] = chosen
-            picked = books[0][chosen] if cols is None else books[cols[:, j], chosen]
-            error = (column - picked) / factor[j, j]
-            work[:, j + 1:stop] -= np.outer(error, factor[j, j + 1:stop])
-            errors[:, j - start] = error
+            column = work[:, :, j]
+            if cols is None:
+                chosen = order[np.searchsorted(bounds, column)]
+                picked = books[0][chosen]
+            else:
+                chosen = np.argmin(np.abs(column[..., None] - books[cols[:, :, j]]), axis=-1)
+                picked = flat_books[cols[:, :, j] * k + chosen]
+            indices[:, :, j] = chosen
+            error = (column - picked) / factors[:, j, j][:, None]
+            work[:, :, j + 1:stop] -= error[:, :, None] * factors[:, None, j, j + 1:stop]
+            errors[:, :, j - start] = error
         if stop < n:
-            work[:, stop:] -= errors @ factor[start:stop, stop:]
+            work[:, :, stop:] -= np.matmul(errors, factors[:, start:stop, stop:])
     out = np.empty_like(indices)
-    out[:, order] = indices
+    np.put_along_axis(out, orders, indices, axis=2)
     return out
 
 
-def _refit(weights: np.ndarray, indices: np.ndarray, groups: np.ndarray, books: np.ndarray, h: np.ndarray,
-           layout: _Layout) -> np.ndarray:
+def _refit(problem: _Problem, indices: np.ndarray, groups: np.ndarray, books: np.ndarray) -> np.ndarray:
     """Codebook values minimising the output error for fixed indices (conjugate gradients on the
     normal equations, from the current values; values no index uses stay as they are)."""
     k = books.shape[1]
     slots = (groups * k + indices).reshape(-1)
     n = books.size
 
-    def products(matrix: np.ndarray) -> np.ndarray:  # matrix rows times their block's H
-        out = np.empty_like(matrix)
-        for b in range(layout.blocks):
-            out[layout.block(b)] = matrix[layout.block(b)] @ h[b]
-        return out
-
     def apply(values: np.ndarray) -> np.ndarray:
-        return np.bincount(slots, weights=products(values[slots].reshape(weights.shape)).reshape(-1), minlength=n)
+        return np.bincount(slots, weights=np.matmul(values[slots].reshape(problem.dims), problem.h).reshape(-1), minlength=n)
 
     values = books.reshape(-1).astype(np.float64)
-    target = np.bincount(slots, weights=products(weights).reshape(-1), minlength=n)
+    target = np.bincount(slots, weights=np.matmul(problem.weights, problem.h).reshape(-1), minlength=n)
     residual = target - apply(values)
     direction = residual.copy()
     norm = float(residual @ residual)
@@ -409,42 +447,31 @@ def _refit(weights: np.ndarray, indices: np.ndarray, groups: np.ndarray, books: 
     return values.reshape(books.shape)
 
 
-def refine(shared: SharedWeight, original: np.ndarray, moments: Moments, *, rounds: int = ROUNDS) -> tuple[SharedWeight, float, float]:
+def refine(shared: SharedWeight, original: np.ndarray, moments: Moments, *, rounds: int = ROUNDS,
+           problem: _Problem | None = None) -> tuple[SharedWeight, float, float]:
     """A refined form of ``shared`` (same k, codebook layout and dtype), its output error and
     the k-means form's, both ``sum over output channels of (w - w')^T H (w - w')``. Returns
-    ``shared`` itself when no round lowers the error (or H cannot be factored)."""
-    blocks = moments.h.shape[0]
-    layout = _Layout(shared.shape, moments.out_axis, blocks)
-    weights = layout.rows(original.astype(np.float64))
-    groups = layout.rows(shared.group_ids()).astype(np.int64) if shared.n_codebooks > 1 else np.zeros(weights.shape, np.int64)
+    ``shared`` itself when no round lowers the error (or H cannot be factored). ``problem``:
+    the weight's ``_Problem`` when several candidates of it are refined."""
+    problem = problem or _Problem(original, moments)
+    groups = problem.rows(shared.group_ids()).astype(np.int64) if shared.n_codebooks > 1 else np.zeros(problem.dims, np.int64)
     dtype = shared.codebooks.dtype
-    best_error = start_error = _output_error(weights, layout.rows(shared.decode().astype(np.float64)), moments.h, layout)
+    best_error = start_error = problem.error(problem.rows(shared.decode().astype(np.float64)))
+    if problem.factors is None:
+        return shared, start_error, start_error
     best: tuple[np.ndarray, np.ndarray] | None = None
-    factors, orders = [], []
-    for b in range(blocks):
-        h = moments.h[b]
-        order = np.argsort(-np.diag(h), kind="stable")
-        factor = _inverse_factor(h[np.ix_(order, order)])
-        if factor is None:
-            return shared, start_error, start_error
-        factors.append(factor)
-        orders.append(order)
     books = shared.codebooks.astype(np.float64)
-    single = shared.n_codebooks == 1
     for _ in range(rounds):
-        indices = np.empty(weights.shape, dtype=np.int64)
-        for b in range(blocks):
-            rows = layout.block(b)
-            indices[rows] = _assign(weights[rows], books, None if single else groups[rows], orders[b], factors[b])
-        books = _refit(weights, indices, groups, books, moments.h, layout)
+        indices = _assign(problem, books, None if shared.n_codebooks == 1 else groups)
+        books = _refit(problem, indices, groups, books)
         stored_books = books.astype(dtype)  # the error of what will be stored
-        error = _output_error(weights, stored_books.astype(np.float64)[groups, indices], moments.h, layout)
+        error = problem.error(stored_books.astype(np.float64).reshape(-1)[groups * shared.k + indices])
         if error < best_error:
             best_error, best = error, (stored_books, indices)
     if best is None:
         return shared, start_error, start_error
     stored_books, indices = best
-    stored_indices = np.ascontiguousarray(layout.stored(indices)).astype(shared.indices.dtype)
+    stored_indices = np.ascontiguousarray(problem.stored(indices)).astype(shared.indices.dtype)
     rebuilt = SharedWeight(shared.name, stored_books, stored_indices, shared.channel_axis, shared.group_size, shared.granularity)
     inertia = float(np.sum((rebuilt.decode().astype(np.float64) - original.astype(np.float64)) ** 2))
     result = SharedWeight(shared.name, stored_books, stored_indices, shared.channel_axis, shared.group_size,
@@ -454,10 +481,11 @@ def refine(shared: SharedWeight, original: np.ndarray, moments: Moments, *, roun
 
 def refine_all(candidates: Mapping[int, SharedWeight], original: np.ndarray, moments: Moments) -> tuple[dict[int, SharedWeight], dict[int, float]]:
     """``refine`` for every k of one weight: the kept forms and their output errors."""
+    problem = _Problem(original, moments)
     kept: dict[int, SharedWeight] = {}
     errors: dict[int, float] = {}
     for k, shared in sorted(candidates.items()):
-        kept[k], errors[k], _ = refine(shared, original, moments)
+        kept[k], errors[k], _ = refine(shared, original, moments, problem=problem)
     return kept, errors
 
 
