@@ -49,13 +49,14 @@ class Option:
         k: shared values per codebook.
         bits: index width.
         size_bits: theoretical stored size of the layer at this k (indices + codebooks), bits.
-        inertia: clustering squared error (proxy of damage).
+        damage: score-free proxy of the damage sharing does: the output error of a refined
+            candidate (refinement), else the clustering squared error; compared within a layer.
     """
 
     k: int
     bits: int
     size_bits: int
-    inertia: float
+    damage: float
 
 
 @dataclass

@@ -4,8 +4,9 @@ Only one k per index width is a candidate: exact k-means error never grows with 
 k < 2**b costs the same index bits as 2**b, so k = 2**b (capped by the allowed k range)
 dominates its width. The stage walks each layer's widths from a probe width down until the
 loss passes a cap (lower widths only lose more) and up until it is negligible; the widths
-above that are estimated by the score-free proxy (loss proportional to the clustering
-error, calibrated on the layer's last measured point), never scored. Layers advance in
+above that are estimated by the score-free proxy (loss proportional to the option's damage:
+its output error when refined, else its clustering error; calibrated on the layer's last
+measured point), never scored. Layers advance in
 rounds, one tuple each, scored in chunks of ``ROUND_CHUNK`` with the budgets checked between
 chunks; after the first round (every layer's probe) the stage stops at ``budget_share`` of
 a time or scoring budget, so the network stage can still combine what was measured.
@@ -78,7 +79,7 @@ def choose_granularities(
     The other granularities are probed at the width whose stored size is closest to the
     per-tensor probe's, and win when their damage (output divergence, else loss) is below what
     the per-tensor codebook is estimated to do at that size (its probe scaled by the
-    clustering error of the widest per-tensor option that is not larger): per-channel scales
+    damage proxy of the widest per-tensor option that is not larger): per-channel scales
     (batch norm folded into convolutions) make one codebook per tensor waste its values on
     the wide channels, but a channel codebook also costs ``32 k`` bits per channel.
     ``score([(name, granularity, k), ...])`` returns a metric value or (value, divergence)
@@ -142,7 +143,7 @@ def _better_granularity(layer: Layer, variants: Mapping[str, list[Option]],
             continue
         fits = [o for o in variants["tensor"] if o.size_bits <= opt.size_bits]
         ref = max(fits, key=lambda o: o.size_bits) if fits else t_opt
-        estimate = t_damage * (ref.inertia / t_opt.inertia) if t_opt.inertia > 0 else 0.0
+        estimate = t_damage * (ref.damage / t_opt.damage) if t_opt.damage > 0 else 0.0
         if estimate <= 0:
             continue
         ratio = _damage(value, ctx) / estimate
@@ -156,7 +157,7 @@ def layer_sensitivity(ctx: SearchContext, settings: LayerSearchSettings = LayerS
 
     Returns:
         Proxy statistics for the report: ``{"spearman": mean per-layer rank correlation of
-        clustering error vs measured loss, "layers_with_proxy": n, "estimated_points": m}``.
+        damage proxy vs measured loss, "layers_with_proxy": n, "estimated_points": m}``.
     """
     budget = ctx.budget
     walks: list[_Walk] = []
@@ -225,7 +226,7 @@ def _check_share(ctx: SearchContext, share: float, wanted: int) -> None:
 
 def _estimate_unscored(walk: _Walk) -> int:
     """Proxy for the widths above the highest measured one: loss (and output divergence)
-    scale with the clustering error."""
+    scale with the damage proxy."""
     layer = walk.layer
     measured = [i for i in walk.order if layer.options[i].k in layer.loss_alone]
     if not measured:
@@ -238,7 +239,7 @@ def _estimate_unscored(walk: _Walk) -> int:
     for i in walk.order:
         option = layer.options[i]
         if option.bits > ref.bits and option.k not in layer.loss_alone:
-            scale = min(option.inertia / ref.inertia, 1.0) if ref.inertia > 0 else 0.0
+            scale = min(option.damage / ref.damage, 1.0) if ref.damage > 0 else 0.0
             layer.loss_alone[option.k] = ref_loss * scale
             layer.loss_source[option.k] = "proxy"
             if ref_divergence is not None:
@@ -267,10 +268,10 @@ def pareto_candidates(layer: Layer, cap: float) -> list[int]:
 
 
 def proxy_rank_correlation(layers: list[Layer]) -> float | None:
-    """Mean over layers (>= 3 measured widths) of Spearman's rho between clustering error and loss."""
+    """Mean over layers (>= 3 measured widths) of Spearman's rho between damage proxy and loss."""
     rhos = []
     for layer in layers:
-        pts = [(layer.option(k).inertia, loss) for k, loss in layer.loss_alone.items()
+        pts = [(layer.option(k).damage, loss) for k, loss in layer.loss_alone.items()
                if layer.loss_source.get(k) == "measured"]
         if len(pts) < 3:
             continue

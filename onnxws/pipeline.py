@@ -181,7 +181,7 @@ def compress(
 
             def measured(message: str) -> None:
                 done[0] += 1
-                notify("calibrate", done[0], n_batches, message)
+                notify("calibrate", done[0], max(done[0], n_batches), message)  # more runs when read in groups
 
             moments = measure_moments(read, refine_plan, {w.name: w.shape for w in discovery.weights}, n_batches,
                                       seed=config.seed, progress=measured)

@@ -251,9 +251,16 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
         layer_rows.append([esc(layer["name"]), esc(layer["op_type"]), esc("×".join(map(str, layer["shape"]))),
                            f"{layer['params']:,}", _num(layer.get("k"), "d"), _num(layer.get("bits"), "d"),
                            esc(str(layer.get("index_dtype"))), esc(str(layer.get("granularity") or "–")),
+                           "yes" if layer.get("refined") else esc(f"no: {layer.get('refine_reason') or '–'}"),
                            _num(layer.get("loss_alone")), _bytes(layer.get("stored_bytes")), bar])
-    layers_html = _table(["tensor", "op", "shape", "params", "k", "bits", "index type", "granularity",
-                          f"loss alone ({unit})", "stored", "share of size"], layer_rows, {3, 4, 5, 8, 9})
+    layers_html = _table(["tensor", "op", "shape", "params", "k", "bits", "index type", "granularity", "refined",
+                          f"loss alone ({unit})", "stored", "share of size"], layer_rows, {3, 4, 5, 9, 10})
+    refinement = report.get("refinement") or {}
+    refine_html = (f"<p>Output-aware refinement: {len(refinement.get('refined', []))} of {len(report.get('layers', []))} shared "
+                   "tensors refined against their layer's input moments measured on the search subset (indices chosen "
+                   "with error feedback, codebook refitted by least squares; a candidate keeps its k-means form unless "
+                   "that lowers its output error).</p>") if refinement.get("enabled") else \
+        "<p>Output-aware refinement off: candidates are plain k-means.</p>"
     img = {k: base64.b64encode(v).decode() for k, v in images.items()}
     pred = e.get("predictor")
     pred_html = "<p>No predictor for this strategy.</p>"
@@ -274,7 +281,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
                          f"R² = {_num(pred.get('r2'))}, leave-one-out MAE = {_num(pred.get('loo_mae'))} {unit}.{chosen}</p>")
         pred_html += _table(["tensor", "α"], rows, {1})
     proxy = e.get("proxy") or {}
-    proxy_html = (f"<p>Score-free proxy (clustering error) vs measured layer loss: mean Spearman ρ = {_num(proxy.get('spearman'))}; "
+    proxy_html = (f"<p>Score-free proxy (output error of refined layers, clustering error of the others) vs measured layer loss: mean Spearman ρ = {_num(proxy.get('spearman'))}; "
                   f"{proxy.get('estimated_points', 0)} layer/width points estimated by the proxy instead of scored.</p>")
     seconds = e.get("seconds", {})
     time_rows = [[esc(k), f"{v:.2f}"] for k, v in seconds.items()]
@@ -301,7 +308,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 <div class="sub">{esc(report.get('created', ''))} · strategy <code>{esc(e['strategy'])}</code> · budget {report['budget']['loss']:g} {unit} ({esc(report['budget']['mode'])})</div>
 <div class="cards">{card_html}</div>
 <div class="compare">{compare}</div>
-<h2>Layers</h2>{layers_html}
+<h2>Layers</h2>{refine_html}{layers_html}
 <h2>Exploration</h2>
 <div class="plots"><img alt="Pareto plot" src="data:image/png;base64,{img['pareto']}"><img alt="Layer sensitivity plot" src="data:image/png;base64,{img['sensitivity']}"></div>
 <h2>Predictor</h2>{pred_html}{proxy_html}

@@ -8,7 +8,9 @@ a few tenths of a point on a top-1 metric over a few thousand samples, in both d
   (it was picked *because* it looked good there); a full-set miss tightens the search target
   by the gap just observed and the strategy continues; then the subset-feasible tuples likely
   to hold (by the subset's sampling error and the optimism observed) are verified most
-  compressive first, and the safest one (least subset loss) last.
+  compressive first, and the safest one (least subset loss) last; if none holds, the verified
+  tuple that missed by the least is **shrunk**: the half of its layers that save the most bits
+  per unit of damage alone is verified, halving again on a miss, then bisecting back up.
 - **edge push**: once a tuple holds on the full set with loss to spare, a tuple that measured
   just over the budget on the subset may well hold on the full set. Each such tuple's chance
   is estimated from the subset's sampling error (``SubsetNoise``); the strategy first scores
@@ -40,6 +42,9 @@ MAX_ROUNDS = 4
 STEP_BACK_TRIES = 4
 # Step-back: tuples tried first when their estimated chance to hold on the full set is at least this.
 STEP_BACK_MIN_PROBABILITY = 0.8
+# Shrink (after the step-back found nothing): full-set scorings halving the shared layers, then
+# bisecting back up.
+SHRINK_TRIES = 6
 # Edge push: a tuple over the budget on the subset is verified when its estimated chance of
 # holding on the full set is at least this (one-sided: about 1.28 standard errors over).
 EDGE_MIN_PROBABILITY = 0.1
@@ -277,6 +282,7 @@ def _step_back(ctx: SearchContext, result: Verification, noise: SubsetNoise | No
             if verify(tup, "step_back"):
                 result.chosen = tup
                 return
+        _shrink(ctx, result, verify)
         return
     def chance(tup: Tuple_) -> float:
         return noise.pass_probability(ctx.known(tup), ctx.budget, ctx.spread(tup))
@@ -292,6 +298,43 @@ def _step_back(ctx: SearchContext, result: Verification, noise: SubsetNoise | No
         if verify(tup, "step_back"):
             result.chosen = tup
             return
+    _shrink(ctx, result, verify)
+
+
+def _shrink(ctx: SearchContext, result: Verification, verify: Callable[[Tuple_, str], bool]) -> None:
+    """Last resort when no subset-feasible tuple held on the full set: the subset cannot rank
+    tuples this close to the budget. Start from the verified tuple that missed by the least, keep
+    the half of its shared layers that save the most bits per unit of damage alone (output
+    divergence, else loss), verify, and halve again on a miss, down to one layer; once a prefix
+    holds, bisect back up between it and the shortest that failed (at most ``SHRINK_TRIES``
+    full-set scorings in all)."""
+    if not result.log:
+        return
+    start = min(result.log, key=lambda entry: (entry[2], -ctx.ratio(entry[0])))[0]
+
+    def damage(name: str, k: int) -> float:
+        layer = ctx.by_name[name]
+        value = layer.divergence_alone.get(k) if ctx.has_divergence else None
+        if value is None:
+            value = layer.loss_alone.get(k, 0.0)
+        return max(float(value), 0.0)
+
+    def value(item: tuple[str, int]) -> float:
+        name, k = item
+        layer = ctx.by_name[name]
+        return (layer.full_bits - layer.option(k).size_bits) / (damage(name, k) + 1e-12)
+
+    ranked = sorted(start.items(), key=lambda item: (-value(item), item[0]))
+    failing, passing = len(ranked), 0  # sizes of the longest prefix known to fail / to hold
+    for _ in range(SHRINK_TRIES):
+        size = failing // 2 if not passing else (passing + failing) // 2  # halve, then bisect back up
+        if size <= passing or size < 1 or not ctx.can_score():
+            return
+        tup = dict(ranked[:size])
+        if verify(tup, "shrink"):
+            result.chosen, passing = tup, size
+        else:
+            failing = size
 
 
 def _edge_push(ctx: SearchContext, result: Verification, noise: SubsetNoise, tries: int,

@@ -112,33 +112,61 @@ def test_no_edge_push_when_disabled():
     assert all(entry[4] != "edge" for entry in result.log) and result.edge_target is None
 
 
+def _harsh_context(penalty: float, min_layers: int, *, layer_stage: bool) -> SearchContext:
+    """Stub network whose full set is ``penalty`` pp harsher than the subset for every tuple sharing
+    ``min_layers`` or more layers; ``layer_stage``: each layer alone already measured on the subset."""
+    layers, truth = make_layers([150, 2400, 4800, 600], [0.3, 0.2, 0.05, 0.1])
+
+    def evaluate(tuples, subset):
+        out = []
+        for tup in tuples:
+            loss = sum(truth[n][k] for n, k in tup.items()) * (1.1 if len(tup) > 1 else 1.0)
+            if subset == "full" and len(tup) >= min_layers:
+                loss += penalty
+            out.append(0.99 - loss / 100.0)
+        return out
+
+    ctx = SearchContext(layers, evaluate, {"search": 0.99, "full": 0.99}, 1.0, "absolute", max_scorings=400)
+    for layer in layers:
+        layer.candidates = [opt.k for opt in layer.options if opt.bits >= 1]
+        layer.loss_alone = {k: truth[layer.name][k] for k in layer.candidates}
+    if layer_stage:
+        for layer in layers:
+            ctx.losses([{layer.name: k} for k in layer.candidates], "search", stage="layer")
+    return ctx
+
+
 def test_step_back_goes_to_the_tuples_likely_to_hold():
     """The full set is much harsher than the subset for every tuple that shares several layers
     (+1.2 pp), not for a layer alone: after the strategy's picks fail, a CR-ordered step-back
     tries near-edge tuples that fail too, while the noise model, having seen that optimism,
     steps back to a tuple likely to hold and emits it."""
-    layers, truth = make_layers([150, 2400, 4800, 600], [0.3, 0.2, 0.05, 0.1])
-
-    def run(noise):
-        def evaluate(tuples, subset):
-            out = []
-            for tup in tuples:
-                loss = sum(truth[n][k] for n, k in tup.items()) * (1.1 if len(tup) > 1 else 1.0)
-                if subset == "full" and len(tup) > 1:
-                    loss += 1.2
-                out.append(0.99 - loss / 100.0)
-            return out
-
-        ctx = SearchContext(layers, evaluate, {"search": 0.99, "full": 0.99}, 1.0, "absolute", max_scorings=400)
-        for layer in layers:
-            layer.candidates = [opt.k for opt in layer.options if opt.bits >= 1]
-            layer.loss_alone = {k: truth[layer.name][k] for k in layer.candidates}
-        for layer in layers:  # the layer stage's measurements: each layer alone
-            ctx.losses([{layer.name: k} for k in layer.candidates], "search", stage="layer")
-        return ctx, search_and_verify(ctx, strategy="greedy", noise=noise, edge_tries=0)
-
-    _, plain = run(None)
-    ctx, stepped = run(SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0))
-    assert plain.chosen is None
+    plain_ctx = _harsh_context(1.2, 2, layer_stage=True)
+    plain = search_and_verify(plain_ctx, strategy="greedy", noise=None, edge_tries=0)
+    ctx = _harsh_context(1.2, 2, layer_stage=True)
+    stepped = search_and_verify(ctx, strategy="greedy", noise=SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0),
+                                edge_tries=0)
+    # The CR-ordered step-back fails; only the last resort (shrink) finds a tuple, a far smaller one.
+    assert [phase for *_, phase in plain.log if phase == "step_back"]
+    assert plain.log[-1][4] == "shrink" and plain.chosen is not None
+    assert plain_ctx.ratio(plain.chosen) < ctx.ratio(stepped.chosen)
     assert stepped.chosen is not None and within_budget(ctx.known(stepped.chosen, "full"), 1.0)
     assert any(phase == "step_back" for *_, phase in stepped.log)
+
+
+def test_shrink_when_no_subset_feasible_tuple_holds():
+    """The full set is far harsher (+1.5 pp) for every tuple sharing 3 or more layers, and the
+    subset measured only such tuples: every step-back candidate fails, and the shrink keeps the
+    half of the best-missing tuple's layers that save the most bits per unit of damage, which holds."""
+    ctx = _harsh_context(1.5, 3, layer_stage=False)
+    result = search_and_verify(ctx, strategy="exhaustive", noise=SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0),
+                               edge_tries=0)
+    phases = [phase for *_, phase in result.log]
+    assert "shrink" in phases and phases[-1] == "shrink"
+    assert result.chosen is not None and len(result.chosen) == 2
+    assert within_budget(ctx.known(result.chosen, "full"), 1.0)
+    # from the verified tuple that missed by the least, the two layers with the most bits saved per unit of loss alone
+    start = min((entry for entry in result.log if entry[4] != "shrink"), key=lambda entry: entry[2])[0]
+    ranked = sorted(start, key=lambda n: -(ctx.by_name[n].full_bits - ctx.by_name[n].option(start[n]).size_bits)
+                    / (ctx.by_name[n].loss_alone[start[n]] + 1e-12))
+    assert result.chosen == {n: start[n] for n in ranked[:2]}

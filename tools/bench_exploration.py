@@ -6,7 +6,7 @@ with the same data, budget and seed, no score cache, ORT pinned to the same thre
 the verified CR at the budget, the loss re-measured on the emitted file, the number of scorings
 (all stages) and the wall time. Usage:
 
-    python tools/bench_exploration.py [--model models/lenet5/model.onnx] [--loss 1] [--strategies predictor,predictor:additive,greedy,exhaustive]
+    python tools/bench_exploration.py [--model models/lenet5/model.onnx] [--loss 1] [--strategies predictor,predictor:additive,greedy,exhaustive] [--no-refine]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--search-samples", type=int, default=2000)
     parser.add_argument("--strategies", default="predictor,predictor:additive,predictor:divergence,greedy,exhaustive")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                        help="output-aware refinement of the candidates (onnxws default: on)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     rows = []
@@ -35,7 +37,8 @@ def main() -> None:
         strategy, _, predictor = variant.partition(":")
         start = time.perf_counter()
         result = onnxws.compress(args.model, args.data, loss=args.loss, strategy=strategy, seed=args.seed,
-                                 search_samples=args.search_samples, cache=False, predictor=predictor or "auto")
+                                 search_samples=args.search_samples, cache=False, predictor=predictor or "auto",
+                                 refine=args.refine)
         seconds = time.perf_counter() - start
         rep = result.report
         rows.append({
