@@ -1,4 +1,4 @@
-"""The pipeline of ``onnxws compress`` as a Python API: load, cluster, score, explore, emit, verify.
+"""The pipeline of ``onnxws compress`` as a Python API: load, score setup, input moments, cluster + refine, explore, emit, verify.
 
 ``compress(model, data, loss=1.0, **options) -> Result``. No printing: progress goes through
 an optional callback ``(stage, done, total, message)`` and the ``logging`` module.
@@ -237,7 +237,7 @@ def compress(
                             time_budget=config.time_budget, max_scorings=config.max_scorings, progress=notify,
                             clock=time.perf_counter, start=t_total)  # the time budget covers the whole run
 
-        # 4. Layer stage ---------------------------------------------------------------------
+        # 5. Layer stage ---------------------------------------------------------------------
         t0 = time.perf_counter()
         if variants:
             def score_variants(requests: list[tuple[str, str, int]]) -> list[tuple[float, float]]:
@@ -250,7 +250,7 @@ def compress(
         proxy_stats = layer_sensitivity(ctx)
         timings["layer"] = time.perf_counter() - t0
 
-        # 5. Uniform baseline (what users would otherwise do) --------------------------------
+        # 6. Uniform baseline (what users would otherwise do) --------------------------------
         t0 = time.perf_counter()
         widths = sorted(set().union(*(config.settings_for(w.name, w.op_type).bits for w in discovery.weights)))
         uniform_tuple, uniform_tried = uniform_baseline(ctx, widths)
@@ -259,7 +259,7 @@ def compress(
             uniform_full = ctx.losses([uniform_tuple], "full", stage="uniform", force=True)[0]
         timings["uniform"] = time.perf_counter() - t0
 
-        # 6. Network stage + full-set verification (step back on a miss, push on slack) ------
+        # 7. Network stage + full-set verification (step back on a miss, push on slack) ------
         t0 = time.perf_counter()
         verification = search_and_verify(
             ctx, strategy=config.strategy, predictor=config.predictor, seed=config.seed,
@@ -277,7 +277,7 @@ def compress(
                 f"the smallest loss found was {smallest:.3f}; raise --loss or check the evaluation data"
             )
 
-        # 7. Emit, then trust but verify ------------------------------------------------------
+        # 8. Emit, then trust but verify ------------------------------------------------------
         t0 = time.perf_counter()
         notify("emit", 0, 1, f"{ctx.ratio(chosen):.1f}x")
         shared = [shares[name][k] for name, k in chosen.items()]

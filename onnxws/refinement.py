@@ -97,10 +97,6 @@ class Moments:
     out_axis: int
     rows: int = 0
 
-    @property
-    def inputs(self) -> int:
-        return int(self.h.shape[-1])
-
 
 # --------------------------------------------------------------------------------------------
 # Which weights can be refined
@@ -183,7 +179,7 @@ def plan(model: onnx.ModelProto, weights: Mapping[str, tuple[int, ...]]) -> Plan
             inputs = math.prod(shape) // max(outputs, 1)
             if inputs > MAX_INPUTS:
                 reason = f"{inputs} inputs per output channel > {MAX_INPUTS}"
-            elif outputs * inputs * inputs > MAX_WORK * max(p.group for p in probes):
+            elif outputs * inputs * inputs > MAX_WORK:
                 reason = f"too large to refine ({outputs} x {inputs}^2 multiply-adds per pass > {MAX_WORK:.0e})"
         if reason:
             out.reasons[name] = reason

@@ -216,3 +216,23 @@ def test_lstm_weights_are_refined_from_the_input_and_hidden_sequences():
         shared = share_weight(name, values, 4)
         refined, error, start = refine(shared, values, moments[name])
         assert error < start and refined.codebooks.shape == (1, 4)
+
+
+def test_activations_read_in_groups_when_a_batch_would_not_fit():
+    model = lenet_like(seed=7)
+    data = load_data(labelled_data(model, n=50), model)
+    scorer = Scorer(model, ["fc.W"], data, resolve_metric(None, data, model), device="cpu", threads=1, batch_size=20,
+                    search_samples=50)
+    try:
+        names = ["x", "c", "f"]
+        whole = list(scorer.activations(names))
+        grouped = list(scorer.activations(names, max_bytes=1))  # every name is a group of its own
+        with pytest.raises(ValueError, match="no tensor named"):
+            list(scorer.activations(["nope"]))
+    finally:
+        scorer.close()
+    assert len(whole) == scorer.n_batches() == 3 and all(set(batch) == set(names) for batch in whole)
+    assert len(grouped) == 3 * len(names) and all(len(batch) == 1 for batch in grouped)
+    for name in names:
+        joined = np.concatenate([batch[name] for batch in grouped if name in batch])
+        assert np.array_equal(joined, np.concatenate([batch[name] for batch in whole])) and len(joined) == 50
