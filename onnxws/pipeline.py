@@ -222,6 +222,7 @@ def compress(
             del values
         refined_rows = {name: m.rows for name, m in moments.items()}
         moments.clear()
+        del originals  # the scorer's arrays: scorer.close() must be able to free them before emit
         notify("cluster", len(discovery.weights), len(discovery.weights), "done")
         timings["cluster"] = time.perf_counter() - t0 - refine_seconds
         timings["refine"] = refine_seconds

@@ -85,7 +85,7 @@ MIB = 2**20
 ALIGN = 1 << 16  # external data offsets: ORT can memory-map aligned tensors
 MODEL, DATA, EVAL, REF, META = "model.onnx", "model.onnx.data", "eval.npz", "reference.npz", "meta.json"
 OUT_MODEL, OUT_REPORT = "model.ws.onnx", "model.ws.report"
-STAGES = ("load", "cluster", "setup", "layer", "uniform", "network", "verify", "emit")
+STAGES = ("load", "setup", "calibrate", "cluster", "refine", "layer", "uniform", "network", "verify", "emit")  # pipeline order
 
 
 # --------------------------------------------------------------------------------------------
