@@ -47,7 +47,7 @@ SAMPLE_ROWS = 65536  # most input vectors sampled per layer to estimate H ...
 ROWS_PER_INPUT = 32  # ... aiming at this many per input (H has inputs^2 entries) ...
 MIN_ROWS = 4096  # ... and at least this many
 MAX_INPUTS = 8192  # inputs per output channel (H is that squared, float64)
-MAX_WORK = 2e10  # multiply-adds of one pass over a weight (outputs x inputs^2): above, not refined
+MAX_WORK = 2e10  # multiply-adds of one pass over a weight (outputs x inputs^2) plus factoring H (inputs^3): above, not refined
 BLOCK = 128  # columns assigned between two whole-matrix error updates
 _RECURRENT = {"LSTM", "GRU", "RNN"}
 _FLOAT_CASTS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -179,8 +179,9 @@ def plan(model: onnx.ModelProto, weights: Mapping[str, tuple[int, ...]]) -> Plan
             inputs = math.prod(shape) // max(outputs, 1)
             if inputs > MAX_INPUTS:
                 reason = f"{inputs} inputs per output channel > {MAX_INPUTS}"
-            elif outputs * inputs * inputs > MAX_WORK:
-                reason = f"too large to refine ({outputs} x {inputs}^2 multiply-adds per pass > {MAX_WORK:.0e})"
+            elif outputs * inputs * inputs + inputs ** 3 > MAX_WORK:
+                reason = (f"too large to refine ({outputs} x {inputs}^2 multiply-adds per pass + {inputs}^3 to factor H "
+                          f"> {MAX_WORK:.0e})")
         if reason:
             out.reasons[name] = reason
         else:

@@ -325,7 +325,7 @@ def _shrink(ctx: SearchContext, result: Verification, verify: Callable[[Tuple_, 
         return (layer.full_bits - layer.option(k).size_bits) / (damage(name, k) + 1e-12)
 
     ranked = sorted(start.items(), key=lambda item: (-value(item), item[0]))
-    failing, passing = len(ranked), 0  # sizes of the longest prefix known to fail / to hold
+    failing, passing = len(ranked), 0  # the shortest prefix known to fail, the longest known to hold
     for _ in range(SHRINK_TRIES):
         size = failing // 2 if not passing else (passing + failing) // 2  # halve, then bisect back up
         if size <= passing or size < 1 or not ctx.can_score():

@@ -236,3 +236,13 @@ def test_activations_read_in_groups_when_a_batch_would_not_fit():
     for name in names:
         joined = np.concatenate([batch[name] for batch in grouped if name in batch])
         assert np.array_equal(joined, np.concatenate([batch[name] for batch in whole])) and len(joined) == 50
+
+
+def test_weights_too_large_to_refine_say_why():
+    proj = numpy_helper.from_array(np.zeros((8192, 10), np.float32), "head")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "head"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8192])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 10])], [proj])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # 10 x 8192^2 multiply-adds per pass is cheap, factoring the 8192 x 8192 H is not
+    assert "too large to refine" in plan(model, {"head": (8192, 10)}).reasons["head"]
