@@ -28,7 +28,6 @@ Einsum, ...) or too large to refine keep their k-means form; the report says whi
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,8 +36,6 @@ import numpy as np
 import onnx
 
 from onnxws.sharing import SharedWeight
-
-logger = logging.getLogger("onnxws")
 
 ROUNDS = 4  # assignment + refit rounds per candidate
 DAMPING = 0.01  # added to H's diagonal, as a fraction of its mean (GPTQ's default)
