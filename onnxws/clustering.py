@@ -15,6 +15,7 @@ sub-problems of one recursion depth.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -320,13 +321,7 @@ def share_weight_all_k(name: str, values: np.ndarray, ks: Sequence[int], granula
     for k in ks:
         sw = SharedWeight(name, books[k], indices[k], channel_axis=channel_axis % max(values.ndim, 1),
                           group_size=size if granularity.kind != "tensor" else 1, granularity=granularity)
-        # sum((decoded - original)^2) in float64 (float32 -> float64 is exact), in place.
-        error = sw.decode().astype(np.float64)
-        np.subtract(error, values, out=error)
-        np.square(error, out=error)
-        inertia = float(np.sum(error))
-        del error
-        out[k] = SharedWeight(sw.name, sw.codebooks, sw.indices, sw.channel_axis, sw.group_size, granularity, inertia)
+        out[k] = dataclasses.replace(sw, inertia=sw.squared_error(values))
     return out
 
 

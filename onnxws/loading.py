@@ -40,8 +40,9 @@ _ALIGN_MIN_BYTES = 1 << 20
 # unswapped; encoding swaps out every initializer of >= 1 KiB before it converts or runs a model).
 _DROP_MIN_BYTES = 1 << 20
 _PLACEHOLDER = "onnxws-placeholder"  # location of payload-free tensors in light copies (an empty file, or none)
-_PAYLOAD_FIELDS = frozenset({"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
-                             "uint64_data", "external_data", "data_location"})
+# TensorProto fields that hold a tensor's values; with where they live, its payload.
+DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+_PAYLOAD_FIELDS = frozenset({*DATA_FIELDS, "external_data", "data_location"})
 # Message types that can hold tensors (directly or nested); others are copied whole.
 _TENSOR_HOLDERS = frozenset({"ModelProto", "GraphProto", "NodeProto", "AttributeProto", "FunctionProto",
                              "TrainingInfoProto", "SparseTensorProto", "TensorProto"})
@@ -234,8 +235,7 @@ def lacks_payload(tensor: TensorProto) -> bool:
     """True for a tensor header left by ``without_payloads``: elements but no data field and not external."""
     if tensor.data_location == TensorProto.EXTERNAL or math.prod(tensor.dims) == 0:
         return False
-    return not any(tensor.HasField(f) if f == "raw_data" else len(getattr(tensor, f)) for f in
-                   ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"))
+    return not any(tensor.HasField(f) if f == "raw_data" else len(getattr(tensor, f)) for f in DATA_FIELDS)
 
 
 def with_payloads(tensor: TensorProto, arrays: Mapping[str, np.ndarray]) -> None:

@@ -172,7 +172,8 @@ def compress(
         moments: dict[str, Moments] = {}
         refine_plan = Plan(reasons={w.name: "refinement off (--no-refine)" for w in discovery.weights})
         if config.refine:
-            refine_plan = plan_refinement(proto, {w.name: w.shape for w in discovery.weights})
+            shapes = {w.name: w.shape for w in discovery.weights}
+            refine_plan = plan_refinement(proto, shapes)
             n_batches = scorer.n_batches("search")
             done = [0]
 
@@ -183,7 +184,7 @@ def compress(
                 done[0] += 1
                 notify("calibrate", done[0], max(done[0], n_batches), message)  # more runs when read in groups
 
-            moments = measure_moments(read, refine_plan, {w.name: w.shape for w in discovery.weights}, n_batches,
+            moments = measure_moments(read, refine_plan, shapes, n_batches,
                                       seed=config.seed, progress=measured)
         timings["calibrate"] = time.perf_counter() - t0
 

@@ -28,6 +28,7 @@ Einsum, ...) or too large to refine keep their k-means form; the report says whi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -212,24 +213,27 @@ def _conv_patches(x: np.ndarray, probe: Probe, count: int, rng: np.random.Genera
     elif probe.auto_pad == "VALID" or not pads:
         pads = (0, 0, 0, 0)
     if kernel == (1, 1) and not any(pads):  # pointwise: the patches are pixels, no padded copy
-        out = [(size[i] - 1) // strides[i] + 1 for i in range(2)]
-        positions = n * out[0] * out[1]
-        chosen = np.arange(positions) if positions <= count else np.sort(rng.choice(positions, count, replace=False))
-        sample, rest = np.divmod(chosen, out[0] * out[1])
-        oy, ox = np.divmod(rest, out[1])
-        return x[sample, :, oy * strides[0], ox * strides[1]].reshape(len(chosen), probe.group, -1)
+        sample, oy, ox = _positions(n, [(size[i] - 1) // strides[i] + 1 for i in range(2)], count, rng)
+        return x[sample, :, oy * strides[0], ox * strides[1]].reshape(len(sample), probe.group, -1)
     padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     out = [(padded.shape[2 + i] - span[i]) // strides[i] + 1 for i in range(2)]
-    positions = n * out[0] * out[1]
-    if positions <= 0:
+    if n * out[0] * out[1] <= 0:
         return np.zeros((0, probe.group, channels // probe.group * math.prod(kernel)), dtype=np.float64)
-    chosen = np.arange(positions) if positions <= count else np.sort(rng.choice(positions, count, replace=False))
-    sample, rest = np.divmod(chosen, out[0] * out[1])
-    oy, ox = np.divmod(rest, out[1])
+    sample, oy, ox = _positions(n, out, count, rng)
     ys = oy[:, None] * strides[0] + np.arange(kernel[0]) * dilations[0]
     xs = ox[:, None] * strides[1] + np.arange(kernel[1]) * dilations[1]
     patches = padded[sample[:, None, None, None], np.arange(channels)[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
-    return patches.reshape(len(chosen), probe.group, -1)
+    return patches.reshape(len(sample), probe.group, -1)
+
+
+def _positions(n: int, out: list[int], count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample, row, column) of ``count`` output positions drawn uniformly from ``n`` samples of
+    ``out`` = [rows, columns] positions each, in order (all of them when there are fewer)."""
+    positions = n * out[0] * out[1]
+    chosen = np.arange(positions) if positions <= count else np.sort(rng.choice(positions, count, replace=False))
+    sample, rest = np.divmod(chosen, out[0] * out[1])
+    oy, ox = np.divmod(rest, out[1])
+    return sample, oy, ox
 
 
 def _inputs_per_block(shape: tuple[int, ...], probe: Probe) -> int:
@@ -332,6 +336,7 @@ class _Problem:
         self.moved = (outputs, *[d for i, d in enumerate(self.shape) if i != self.out_axis])
         self.dims = (blocks, outputs // blocks, inputs)
         self.weights = self.rows(original.astype(np.float64))
+        self.weighted = np.matmul(self.weights, self.h)  # W H: the refit's right-hand side, for every candidate
         self.orders = np.argsort(-np.diagonal(self.h, axis1=1, axis2=2), axis=1, kind="stable")
         self.factors = _inverse_factors(_reorder(self.h, self.orders))
 
@@ -420,7 +425,7 @@ def _refit(problem: _Problem, indices: np.ndarray, groups: np.ndarray, books: np
         return np.bincount(slots, weights=np.matmul(values[slots].reshape(problem.dims), problem.h).reshape(-1), minlength=n)
 
     values = books.reshape(-1).astype(np.float64)
-    target = np.bincount(slots, weights=np.matmul(problem.weights, problem.h).reshape(-1), minlength=n)
+    target = np.bincount(slots, weights=problem.weighted.reshape(-1), minlength=n)
     residual = target - apply(values)
     direction = residual.copy()
     norm = float(residual @ residual)
@@ -466,11 +471,8 @@ def refine(shared: SharedWeight, original: np.ndarray, moments: Moments, *, roun
         return shared, start_error, start_error
     stored_books, indices = best
     stored_indices = np.ascontiguousarray(problem.stored(indices)).astype(shared.indices.dtype)
-    rebuilt = SharedWeight(shared.name, stored_books, stored_indices, shared.channel_axis, shared.group_size, shared.granularity)
-    inertia = float(np.sum((rebuilt.decode().astype(np.float64) - original.astype(np.float64)) ** 2))
-    result = SharedWeight(shared.name, stored_books, stored_indices, shared.channel_axis, shared.group_size,
-                          shared.granularity, inertia)
-    return result, best_error, start_error
+    rebuilt = dataclasses.replace(shared, codebooks=stored_books, indices=stored_indices)
+    return dataclasses.replace(rebuilt, inertia=rebuilt.squared_error(original)), best_error, start_error
 
 
 def refine_all(candidates: Mapping[int, SharedWeight], original: np.ndarray, moments: Moments) -> tuple[dict[int, SharedWeight], dict[int, float]]:

@@ -48,7 +48,7 @@ from onnx import helper, numpy_helper
 from onnxws.cache import ScoreCache
 from onnxws.data import EvalData, model_inputs
 from onnxws.errors import InputError, OnnxwsError, UsageError
-from onnxws.loading import _copy_tensor_header, fits_in_one_message, graph_shell, payload_bytes
+from onnxws.loading import DATA_FIELDS, _copy_tensor_header, fits_in_one_message, graph_shell, payload_bytes
 from onnxws.metrics import Metric, output_divergence, reference_key
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
 
 
 def _mark_external(tensor: onnx.TensorProto, nbytes: int) -> None:
-    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+    for field in DATA_FIELDS:
         tensor.ClearField(field)
     del tensor.external_data[:]
     tensor.data_location = onnx.TensorProto.EXTERNAL

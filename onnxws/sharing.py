@@ -129,6 +129,13 @@ class SharedWeight:
             return out.reshape(self.indices.shape)
         return flat[self.indices.astype(np.int64) + self.group_ids() * self.k]
 
+    def squared_error(self, original: np.ndarray) -> float:
+        """``sum((decode() - original)**2)`` in float64 (float32/16 -> float64 is exact), computed in place."""
+        error = self.decode().astype(np.float64)
+        np.subtract(error, original, out=error)
+        np.square(error, out=error)
+        return float(np.sum(error))
+
     def stored_bits(self, codebook_bits: int) -> int:
         """Theoretical size in bits: ``n * b + G * k * codebook_bits`` (DESIGN.md CR)."""
         return self.params * self.bits + self.n_codebooks * self.k * codebook_bits
