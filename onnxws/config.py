@@ -60,7 +60,7 @@ PREDICTORS = ("auto", "divergence", "additive")
 TABLES = ("global", "op_type", "tensor")
 #: Run options, in the order ``to_toml`` writes them (the field names of CompressConfig).
 RUN_KEYS = ("loss", "loss_mode", "device", "search_samples", "batch_size", "metric", "output", "strategy",
-            "predictor", "edge_tries", "refine", "time_budget", "max_scorings", "seed", "opset")
+            "predictor", "edge_tries", "refine", "bias_correction", "time_budget", "max_scorings", "seed", "opset")
 #: Keys of a tensor-settings table ([global], [op_type.X], [tensor."glob"]), in write order.
 TENSOR_KEYS = ("skip", "min_params", "bits", "k_max", "granularity")
 _MAX_BITS = 8
@@ -101,6 +101,7 @@ _RUN_CONSTRAINTS: dict[str, _Check] = {
     "predictor": (_is_str, lambda v: v in PREDICTORS, f"one of {', '.join(PREDICTORS)}"),
     "edge_tries": (_is_int, lambda v: v >= 0, "an integer >= 0 (0: no edge push)"),
     "refine": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
+    "bias_correction": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
     "time_budget": (_is_real, lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0 (or omit it)"),
     "max_scorings": (_is_int, lambda v: v >= 1, "an integer >= 1 (or omit it)"),
     "seed": (_is_int, lambda v: 0 <= v <= _MAX_SEED, "an integer in 0..2**63-1"),
@@ -242,6 +243,7 @@ class CompressConfig:
     predictor: str = "auto"            # loss model of the predictor strategy (network_search)
     edge_tries: int = 4                # full-set scorings of the edge push (verification)
     refine: bool = True                # output-aware refinement of Gemm/MatMul/Conv candidates (refinement)
+    bias_correction: bool = True       # with refine: correct the consumer's bias for the mean output shift
     time_budget: float | None = None   # seconds
     max_scorings: int | None = None
     seed: int = 0

@@ -805,20 +805,31 @@ def _validate(sw: SharedWeight) -> None:
                              f"{sw.channel_axis} / group size {sw.group_size} give {groups} groups")
 
 
-def _locate(graph: onnx.GraphProto, sw: SharedWeight) -> tuple[str, int, TensorProto]:
-    """("initializer" | "constant", position, tensor) of the weight ``sw.name`` in the main graph."""
+def _locate(graph: onnx.GraphProto, name: str) -> tuple[str, int, TensorProto]:
+    """("initializer" | "constant", position, tensor) of the tensor ``name`` in the main graph."""
     for i, tensor in enumerate(graph.initializer):
-        if tensor.name == sw.name:
+        if tensor.name == name:
             return "initializer", i, tensor
     for i, node in enumerate(graph.node):
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and list(node.output) == [sw.name]:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and list(node.output) == [name]:
             values = [a for a in node.attribute if a.name == "value"]
             if not values:
-                raise InputError(f"Constant node producing {sw.name!r} holds "
-                                 f"{[a.name for a in node.attribute]}, not a tensor 'value'; only tensor Constants can be shared")
+                raise InputError(f"Constant node producing {name!r} holds "
+                                 f"{[a.name for a in node.attribute]}, not a tensor 'value'; only tensor Constants can be rewritten")
             return "constant", i, values[0].t
-    raise InputError(f"weight {sw.name!r} is neither an initializer nor a Constant output of the main graph; "
+    raise InputError(f"tensor {name!r} is neither an initializer nor a Constant output of the main graph; "
                      "pass the names that onnxws.discovery found")
+
+
+def _write_bias(graph: onnx.GraphProto, sw: SharedWeight) -> None:
+    """Give the bias that ``sw`` corrects (``sw.bias_name``) its corrected values, in place."""
+    _, _, tensor = _locate(graph, sw.bias_name)
+    bias = np.asarray(sw.bias)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    if tuple(tensor.dims) != bias.shape or dtype != bias.dtype:
+        raise InputError(f"shared weight {sw.name!r}: its corrected bias {sw.bias_name!r} is {bias.dtype} {list(bias.shape)} "
+                         f"but the model's tensor is {dtype} {list(tensor.dims)}")
+    tensor.CopyFrom(numpy_helper.from_array(bias, sw.bias_name))
 
 
 def _check_matches(sw: SharedWeight, tensor: TensorProto) -> None:
@@ -842,7 +853,8 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
 
     Args:
         model: the original model with its tensors loaded; not modified.
-        shared: weights to share, each a main-graph initializer or Constant output, one entry per name.
+        shared: weights to share, each a main-graph initializer or Constant output, one entry per name;
+            a weight that carries a corrected bias (``bias_name``) writes those values into that tensor.
         opset: pin the output's default-domain opset (>= the model's); ``None`` picks the lowest
             opset that gives every width its best layout (when ``raise_opset``).
         raise_opset: allow raising the opset (for UINT4/UINT2 indices, or to reach the unpacking
@@ -927,7 +939,9 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
     encoded: list[EncodedTensor] = []
     dropped_inputs: list[str] = []
     for sw in shared:
-        kind, position, tensor = _locate(graph, sw)
+        if sw.bias_name and sw.bias is not None:
+            _write_bias(graph, sw)
+        kind, position, tensor = _locate(graph, sw.name)
         _check_matches(sw, tensor)
         if kind == "initializer":
             del graph.initializer[position]

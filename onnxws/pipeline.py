@@ -153,10 +153,18 @@ def compress(
         raise NothingToShareError(f"the model has no shareable weight tensor ({reasons})")
     timings["load"] = time.perf_counter() - t0
 
-    # 2. Scorer ----------------------------------------------------------------------------
+    # 2. Scorer (the biases that bias correction rewrites are scored with their weights) ---
     t0 = time.perf_counter()
+    shapes = {w.name: w.shape for w in discovery.weights}
+    refine_plan = Plan(reasons={w.name: "refinement off (--no-refine)" for w in discovery.weights})
+    if config.refine:
+        refine_plan = plan_refinement(proto, shapes)
+        if not config.bias_correction:
+            refine_plan.bias_reasons.update({name: "bias correction off (--no-bias-correction)" for name in refine_plan.biases})
+            refine_plan.biases.clear()
     score_cache = _open_cache(cache)
-    scorer = Scorer(proto, [w.name for w in discovery.weights], eval_data, metric, device=config.device,
+    scored = [w.name for w in discovery.weights] + [b.name for b in refine_plan.biases.values()]
+    scorer = Scorer(proto, scored, eval_data, metric, device=config.device,
                     search_samples=config.search_samples, batch_size=config.batch_size, cache=score_cache)
     try:
         # From here on the scorer holds the weights (as arrays): the model keeps only their headers,
@@ -170,10 +178,7 @@ def compress(
         # 3. Input moments of the refinable layers (one pass over the search subset) ----------
         t0 = time.perf_counter()
         moments: dict[str, Moments] = {}
-        refine_plan = Plan(reasons={w.name: "refinement off (--no-refine)" for w in discovery.weights})
         if config.refine:
-            shapes = {w.name: w.shape for w in discovery.weights}
-            refine_plan = plan_refinement(proto, shapes)
             n_batches = scorer.n_batches("search")
             done = [0]
 
@@ -211,7 +216,9 @@ def compress(
                 damage = {k: float(sw.inertia) for k, sw in by_k.items()}
                 if info.name in moments:  # damage proxy: the output error (refined), not the weights'
                     t_refine = time.perf_counter()
-                    by_k, damage = refine_all(by_k, values, moments[info.name])
+                    bias = refine_plan.biases.get(info.name)
+                    by_k, damage = refine_all(by_k, values, moments[info.name],
+                                              bias=None if bias is None else (bias, originals[bias.name]))
                     output_errors.setdefault(info.name, {})[str(granularity)] = damage
                     refine_seconds += time.perf_counter() - t_refine
                 options_ = [Option(k, index_bits(k), sw.stored_bits(cb_bits), damage[k]) for k, sw in sorted(by_k.items())]
@@ -231,7 +238,8 @@ def compress(
         def evaluate(tuples: list[dict[str, int]], subset: str) -> list[tuple]:
             # Decoded one candidate at a time as the scorer reaches it: a request of n whole-model
             # tuples would otherwise hold n decoded copies of the weights at once.
-            candidates = ({name: shares[name][k].decode() for name, k in tup.items()} for tup in tuples)
+            candidates = ({key: value for name, k in tup.items() for key, value in shares[name][k].tensors().items()}
+                          for tup in tuples)
             return scorer.score_with_divergence(candidates, subset, spread=True)
 
         baseline = {"search": scorer.baseline_search, "full": scorer.baseline_full}
@@ -243,7 +251,7 @@ def compress(
         t0 = time.perf_counter()
         if variants:
             def score_variants(requests: list[tuple[str, str, int]]) -> list[tuple[float, float]]:
-                return scorer.score_with_divergence({name: variants[name][g][1][k].decode()} for name, g, k in requests)
+                return scorer.score_with_divergence(variants[name][g][1][k].tensors() for name, g, k in requests)
 
             picked = choose_granularities(ctx, {name: {g: opts for g, (opts, _) in by_g.items()}
                                                 for name, by_g in variants.items()}, score_variants)
@@ -427,6 +435,7 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
     bytes_after = message_bytes(encoded.model)
     stored_total = sum(t.stored_bytes for t in encoded.tensors) or 1
 
+    corrected = {name: bias.name for name, bias in refine_plan.biases.items() if name in output_errors}
     layers = []
     for layer in ctx.layers:
         info = info_by_name[layer.name]
@@ -447,6 +456,8 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
             "index_dtype": enc.index_dtype if enc else "unshared",
             "granularity": granularity,
             "refined": layer.name in output_errors, "refine_reason": refine_plan.reasons.get(layer.name),
+            "bias_corrected": layer.name in corrected, "bias": corrected.get(layer.name),
+            "bias_reason": None if layer.name in corrected else refine_plan.bias_reasons.get(layer.name, refine_plan.reasons.get(layer.name)),
             "n_codebooks": shares[layer.name][k].n_codebooks if k else None,
             "loss_alone": layer.loss_alone.get(k) if k else None,
             "stored_bytes": enc.stored_bytes if enc else info.params * _dtype_bits(info.dtype) // 8,
@@ -492,7 +503,11 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
                         "graph_overhead_bytes": int(bytes_after - weight_bytes_after)},
         "refinement": {"enabled": config.refine, "refined": sorted(output_errors),
                        "input_vectors": dict(sorted(refined_rows.items())),
-                       "not_refined": [{"name": n, "reason": r} for n, r in refine_plan.reasons.items()]},
+                       "not_refined": [{"name": n, "reason": r} for n, r in refine_plan.reasons.items()],
+                       "bias_correction": config.refine and config.bias_correction,
+                       "bias_corrected": dict(sorted(corrected.items())),
+                       "bias_not_corrected": [{"name": n, "reason": r} for n, r in refine_plan.bias_reasons.items()
+                                              if n in output_errors]},
         "uniform_baseline": uniform_report,
         "layers": layers,
         "skipped": [{"name": s.name, "reason": s.reason, "op_type": s.op_type, "shape": list(s.shape),

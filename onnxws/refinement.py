@@ -24,6 +24,16 @@ repeated for a few rounds. The candidate keeps whichever of the k-means form and
 has the smallest output error, so refinement never makes that error worse; the layer and
 network stages then measure the real loss as before. Weights read by other ops (Gather,
 Einsum, ...) or too large to refine keep their k-means form; the report says which and why.
+
+**Bias correction.** Where the weight's one consumer adds a constant bias per output channel
+(Conv ``B``, Gemm ``C``, a MatMul followed by ``Add`` of a constant), sharing also moves the
+mean of every output channel by ``(w' - w) . E[x]``; the candidate then carries the bias
+``b + (w - w') . E[x]`` (Gemm: times ``alpha / beta``), which cancels that shift on the
+measured inputs, and what is left of the output error is ``(w - w')^T C (w - w')`` with the
+covariance ``C = H - E[x] E[x]^T``: the objective of both steps above for such a weight.
+(Nagel et al., *Data-Free Quantization*, ICCV 2019, correct the bias of quantised
+depthwise convolutions the same way; measured on the zoo's MobileNetV2, k-means alone at k=32
+in every layer: 80 pp of top-1 agreement lost, 38 pp with the bias corrected.)
 """
 
 from __future__ import annotations
@@ -78,22 +88,38 @@ class Probe:
     time_axis: int = 0
 
 
+@dataclass(frozen=True)
+class Bias:
+    """The constant bias a weight's consumer adds per output channel: the tensor's name, and the
+    factor between a change of the weight's output and the bias change that cancels it (a Gemm's
+    ``alpha / beta``, else 1)."""
+
+    name: str
+    scale: float = 1.0
+
+
 @dataclass
 class Plan:
-    """What the refine stage can do: the probes of each refinable weight, and why the others are not refined."""
+    """What the refine stage can do: the probes of each refinable weight, and why the others are
+    not refined; the bias of each refinable weight whose bias is corrected, and why the others'
+    is not."""
 
     probes: dict[str, list[Probe]] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    biases: dict[str, Bias] = field(default_factory=dict)
+    bias_reasons: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class Moments:
     """``H = E[x x^T]`` of one weight's inputs: [blocks, inputs, inputs] float64 (Conv: one block
-    per convolution group, whose output channels are consecutive), and the weight's row layout."""
+    per convolution group, whose output channels are consecutive), the weight's row layout, and
+    the mean input ``E[x]`` [blocks, inputs]."""
 
     h: np.ndarray
     out_axis: int
     rows: int = 0
+    mean: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,18 +168,75 @@ def _probe(node: onnx.NodeProto, index: int, shape: tuple[int, ...]) -> Probe | 
     return f"read by {op} (only Gemm, MatMul, Conv and LSTM/GRU/RNN weights are refined)"
 
 
+def _constants(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Shape and element type of every main-graph initializer and ``Constant`` tensor."""
+    found = {t.name: (tuple(int(d) for d in t.dims), int(t.data_type)) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or not node.output:
+            continue
+        for attr in node.attribute:
+            if attr.name == "value":
+                found[node.output[0]] = (tuple(int(d) for d in attr.t.dims), int(attr.t.data_type))
+            elif attr.name == "value_float":
+                found[node.output[0]] = ((), onnx.TensorProto.FLOAT)
+            elif attr.name == "value_floats":
+                found[node.output[0]] = ((len(attr.floats),), onnx.TensorProto.FLOAT)
+    return found
+
+
+def _bias(node: onnx.NodeProto, probe: Probe, outputs: int, uses: Mapping[str, list[tuple[onnx.NodeProto, int]]],
+          constants: Mapping[str, tuple[tuple[int, ...], int]], graph_outputs: set[str],
+          weights: Mapping[str, tuple[int, ...]]) -> Bias | str:
+    """The bias ``node`` (the weight's only consumer) adds per output channel, or why there is none to correct."""
+    scale = 1.0
+    if probe.op == "conv":
+        name = node.input[2] if len(node.input) > 2 else ""
+    elif probe.op == "gemm":
+        name = node.input[2] if len(node.input) > 2 else ""
+        beta = float(_attr(node, "beta", 1.0))
+        if name and beta == 0.0:
+            return "its Gemm's beta is 0"
+        scale = float(_attr(node, "alpha", 1.0)) / beta
+    elif probe.op == "matmul":
+        product = node.output[0] if node.output else ""
+        readers = uses.get(product, [])
+        if product in graph_outputs or len(readers) != 1 or readers[0][0].op_type != "Add" \
+                or readers[0][0].domain not in ("", "ai.onnx") or len(readers[0][0].input) != 2:
+            return "its MatMul is not followed by one Add"
+        add, index = readers[0]
+        name = add.input[1 - index]
+    else:
+        return f"{probe.op} weights are not bias-corrected"
+    if not name:
+        return f"its {node.op_type} has no bias"
+    if name not in constants:
+        return f"its bias {name!r} is not a constant"
+    shape, dtype = constants[name]
+    if dtype not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        return f"its bias {name!r} is not float32/16/64"
+    if math.prod(shape) != outputs or (shape and shape[-1] != outputs):
+        return f"its bias {name!r} has shape {list(shape)}, not one value per output channel"
+    if name in weights or len(uses.get(name, [])) != 1 or name in graph_outputs:
+        return f"its bias {name!r} is read elsewhere too"
+    return Bias(name, scale)
+
+
 def plan(model: onnx.ModelProto, weights: Mapping[str, tuple[int, ...]]) -> Plan:
     """Probes of each weight (``name -> shape``): every node reading it, directly or through
     float Casts, must be a Gemm/MatMul second operand or a 1-D/2-D Conv weight, all with the
-    same output axis."""
+    same output axis. A weight with one consumer whose constant bias no one else reads gets
+    that bias corrected (``Plan.biases``)."""
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             if name:
                 uses.setdefault(name, []).append((node, i))
+    constants = _constants(model.graph)
+    graph_outputs = {o.name for o in model.graph.output}
     out = Plan()
     for name, shape in weights.items():
         probes: list[Probe] = []
+        consumers: list[onnx.NodeProto] = []
         reason = ""
         pending, seen = [name], 0
         while pending and not reason:
@@ -168,6 +251,7 @@ def plan(model: onnx.ModelProto, weights: Mapping[str, tuple[int, ...]]) -> Plan
                     reason = probe
                     break
                 probes.append(probe)
+                consumers.append(node)
         if not reason and not probes:
             reason = "no consumer node in the main graph"
         if not reason and len({(p.out_axis, p.group) for p in probes}) > 1:
@@ -182,8 +266,15 @@ def plan(model: onnx.ModelProto, weights: Mapping[str, tuple[int, ...]]) -> Plan
                           f"> {MAX_WORK:.0e})")
         if reason:
             out.reasons[name] = reason
+            continue
+        out.probes[name] = probes
+        bias: Bias | str = "it has several consumers"
+        if len(consumers) == 1:
+            bias = _bias(consumers[0], probes[0], shape[probes[0].out_axis], uses, constants, graph_outputs, weights)
+        if isinstance(bias, Bias):
+            out.biases[name] = bias
         else:
-            out.probes[name] = probes
+            out.bias_reasons[name] = bias
     return out
 
 
@@ -271,6 +362,7 @@ def measure_moments(read: Callable[[list[str]], Iterable[Mapping[str, np.ndarray
         for probe in probes:
             by_activation.setdefault(probe.activation, []).append((name, probe))
     sums: dict[str, np.ndarray] = {}
+    totals: dict[str, np.ndarray] = {}  # sums of the input vectors, for E[x]
     counts: dict[str, int] = {}
     broken: dict[str, str] = {}
     for batch in read(list(by_activation)):
@@ -291,6 +383,8 @@ def measure_moments(read: Callable[[list[str]], Iterable[Mapping[str, np.ndarray
                 grouped = vectors.transpose(1, 0, 2)
                 block = np.matmul(grouped.transpose(0, 2, 1), grouped).astype(np.float64)
                 sums[name] = block if name not in sums else sums[name] + block
+                total = grouped.sum(axis=1, dtype=np.float64)
+                totals[name] = total if name not in totals else totals[name] + total
                 counts[name] = counts.get(name, 0) + len(vectors)
         if progress is not None:
             progress(f"{len(batch)} activations")
@@ -300,7 +394,7 @@ def measure_moments(read: Callable[[list[str]], Iterable[Mapping[str, np.ndarray
             plan_.reasons[name] = broken.get(name, "no input vectors measured")
             del plan_.probes[name]
             continue
-        out[name] = Moments(sums[name] / counts[name], probes[0].out_axis, counts[name])
+        out[name] = Moments(sums[name] / counts[name], probes[0].out_axis, counts[name], totals[name] / counts[name])
     return out
 
 
@@ -324,13 +418,19 @@ def _check_activation(value: np.ndarray, probe: Probe, shape: tuple[int, ...]) -
 
 class _Problem:
     """One weight's refinement problem: its rows [blocks, rows per block, inputs] (float64), H per
-    block, and per block the column order (largest ``H_jj`` first) with the upper Cholesky factor
-    ``U`` of the damped, reordered H's inverse (``H^-1 = U^T U``). Shared by all its candidates."""
+    block (the covariance when the bias is corrected), and per block the column order (largest
+    ``H_jj`` first) with the upper Cholesky factor ``U`` of the damped, reordered H's inverse
+    (``H^-1 = U^T U``). Shared by all its candidates."""
 
-    def __init__(self, original: np.ndarray, moments: Moments):
+    def __init__(self, original: np.ndarray, moments: Moments, centred: bool = False):
         self.shape = tuple(original.shape)
         self.out_axis = moments.out_axis
+        self.mean = moments.mean
         self.h = moments.h
+        if centred:
+            if self.mean is None:
+                raise ValueError("bias correction needs the mean input (Moments.mean)")
+            self.h = self.h - self.mean[:, :, None] * self.mean[:, None, :]
         blocks, inputs = self.h.shape[0], self.h.shape[-1]
         outputs = self.shape[self.out_axis]
         self.moved = (outputs, *[d for i, d in enumerate(self.shape) if i != self.out_axis])
@@ -351,6 +451,10 @@ class _Problem:
         """Output error of rebuilt rows: sum over rows of (w - w')^T H (w - w')."""
         diff = self.weights - rebuilt
         return float(np.sum(np.matmul(diff, self.h) * diff))
+
+    def bias_shift(self, rebuilt: np.ndarray) -> np.ndarray:
+        """``(w - w') . E[x]`` per output channel [outputs] (float64): what the bias must gain."""
+        return np.einsum("bri,bi->br", self.weights - rebuilt, self.mean).reshape(-1)
 
 
 def _reorder(h: np.ndarray, orders: np.ndarray) -> np.ndarray:
@@ -446,18 +550,32 @@ def _refit(problem: _Problem, indices: np.ndarray, groups: np.ndarray, books: np
     return values.reshape(books.shape)
 
 
+def _with_bias(shared: SharedWeight, problem: _Problem, bias: tuple[Bias, np.ndarray] | None) -> SharedWeight:
+    """``shared`` carrying its consumer's corrected bias ``b + scale * (w - w') . E[x]`` (``bias``:
+    the bias and its original values), or ``shared`` itself without one."""
+    if bias is None:
+        return shared
+    target, values = bias
+    shift = problem.bias_shift(problem.rows(shared.decode().astype(np.float64)))
+    corrected = (values.astype(np.float64).reshape(-1) + target.scale * shift).astype(values.dtype).reshape(values.shape)
+    return dataclasses.replace(shared, bias_name=target.name, bias=corrected)
+
+
 def refine(shared: SharedWeight, original: np.ndarray, moments: Moments, *, rounds: int = ROUNDS,
-           problem: _Problem | None = None) -> tuple[SharedWeight, float, float]:
+           problem: _Problem | None = None, bias: tuple[Bias, np.ndarray] | None = None) -> tuple[SharedWeight, float, float]:
     """A refined form of ``shared`` (same k, codebook layout and dtype), its output error and
     the k-means form's, both ``sum over output channels of (w - w')^T H (w - w')``. Returns
     ``shared`` itself when no round lowers the error (or H cannot be factored). ``problem``:
-    the weight's ``_Problem`` when several candidates of it are refined."""
-    problem = problem or _Problem(original, moments)
+    the weight's ``_Problem`` when several candidates of it are refined.
+
+    ``bias``: the consumer's bias and its original values, to correct: the form returned then
+    carries the corrected bias, and H is the covariance (the error left after the correction)."""
+    problem = problem or _Problem(original, moments, centred=bias is not None)
     groups = problem.rows(shared.group_ids()).astype(np.int64) if shared.n_codebooks > 1 else np.zeros(problem.dims, np.int64)
     dtype = shared.codebooks.dtype
     best_error = start_error = problem.error(problem.rows(shared.decode().astype(np.float64)))
     if problem.factors is None:
-        return shared, start_error, start_error
+        return _with_bias(shared, problem, bias), start_error, start_error
     best: tuple[np.ndarray, np.ndarray] | None = None
     books = shared.codebooks.astype(np.float64)
     for _ in range(rounds):
@@ -468,21 +586,23 @@ def refine(shared: SharedWeight, original: np.ndarray, moments: Moments, *, roun
         if error < best_error:
             best_error, best = error, (stored_books, indices)
     if best is None:
-        return shared, start_error, start_error
+        return _with_bias(shared, problem, bias), start_error, start_error
     stored_books, indices = best
     stored_indices = np.ascontiguousarray(problem.stored(indices)).astype(shared.indices.dtype)
     rebuilt = dataclasses.replace(shared, codebooks=stored_books, indices=stored_indices)
-    return dataclasses.replace(rebuilt, inertia=rebuilt.squared_error(original)), best_error, start_error
+    rebuilt = dataclasses.replace(rebuilt, inertia=rebuilt.squared_error(original))
+    return _with_bias(rebuilt, problem, bias), best_error, start_error
 
 
-def refine_all(candidates: Mapping[int, SharedWeight], original: np.ndarray, moments: Moments) -> tuple[dict[int, SharedWeight], dict[int, float]]:
-    """``refine`` for every k of one weight: the kept forms and their output errors."""
-    problem = _Problem(original, moments)
+def refine_all(candidates: Mapping[int, SharedWeight], original: np.ndarray, moments: Moments, *,
+               bias: tuple[Bias, np.ndarray] | None = None) -> tuple[dict[int, SharedWeight], dict[int, float]]:
+    """``refine`` for every k of one weight (``bias``: as ``refine``): the kept forms and their output errors."""
+    problem = _Problem(original, moments, centred=bias is not None)
     kept: dict[int, SharedWeight] = {}
     errors: dict[int, float] = {}
     for k, shared in sorted(candidates.items()):
-        kept[k], errors[k], _ = refine(shared, original, moments, problem=problem)
+        kept[k], errors[k], _ = refine(shared, original, moments, problem=problem, bias=bias)
     return kept, errors
 
 
-__all__: Sequence[str] = ("Plan", "Probe", "Moments", "plan", "measure_moments", "refine", "refine_all")
+__all__: Sequence[str] = ("Bias", "Plan", "Probe", "Moments", "plan", "measure_moments", "refine", "refine_all")

@@ -252,14 +252,18 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
                            f"{layer['params']:,}", _num(layer.get("k"), "d"), _num(layer.get("bits"), "d"),
                            esc(str(layer.get("index_dtype"))), esc(str(layer.get("granularity") or "–")),
                            "yes" if layer.get("refined") else esc(f"no: {layer.get('refine_reason') or '–'}"),
+                           esc(f"yes ({layer['bias']})") if layer.get("bias_corrected")
+                           else esc(f"no: {layer.get('bias_reason') or '–'}"),
                            _num(layer.get("loss_alone")), _bytes(layer.get("stored_bytes")), bar])
     layers_html = _table(["tensor", "op", "shape", "params", "k", "bits", "index type", "granularity", "refined",
-                          f"loss alone ({unit})", "stored", "share of size"], layer_rows, {3, 4, 5, 9, 10})
+                          "bias corrected", f"loss alone ({unit})", "stored", "share of size"], layer_rows, {3, 4, 5, 10, 11})
     refinement = report.get("refinement") or {}
     refine_html = (f"<p>Output-aware refinement: {len(refinement.get('refined', []))} of {len(report.get('layers', []))} shared "
                    "tensors refined against their layer's input moments measured on the search subset (indices chosen "
                    "with error feedback, codebook refitted by least squares; a candidate keeps its k-means form unless "
-                   "that lowers its output error).</p>") if refinement.get("enabled") else \
+                   "that lowers its output error). "
+                   f"{len(refinement.get('bias_corrected') or {})} of them with their own bias corrected for the mean "
+                   "shift of their outputs on the same inputs.</p>") if refinement.get("enabled") else \
         "<p>Output-aware refinement off: candidates are plain k-means.</p>"
     img = {k: base64.b64encode(v).decode() for k, v in images.items()}
     pred = e.get("predictor")

@@ -3,6 +3,8 @@
 This is the contract between clustering (which produces it), scoring (which runs its
 decoded floats) and encoding (which writes it into the graph). ``decode()`` is the one
 definition of the rebuilt weight: the emitted ONNX graph must reproduce it bit for bit.
+A weight may carry a corrected bias (refinement's bias correction): the values its
+consumer's bias takes with it, scored and written together with the weight.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class SharedWeight:
         group_size: consecutive channels that share one codebook (channel granularity: 1).
         granularity: the granularity that produced it, for reports.
         inertia: sum of squared errors of the decoded weight vs the original (float64).
+        bias_name: the bias tensor of the weight's consumer that this form rewrites ("" for none).
+        bias: that bias's new values (its dtype and shape), or None.
     """
 
     name: str
@@ -84,6 +88,8 @@ class SharedWeight:
     group_size: int = 1
     granularity: Granularity = field(default_factory=Granularity)
     inertia: float = 0.0
+    bias_name: str = ""
+    bias: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -128,6 +134,13 @@ class SharedWeight:
                 np.take(flat, indices[start:start + _DECODE_CHUNK], out=out[start:start + _DECODE_CHUNK])
             return out.reshape(self.indices.shape)
         return flat[self.indices.astype(np.int64) + self.group_ids() * self.k]
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """What this form puts in the graph: the decoded weight, and the corrected bias if any."""
+        out = {self.name: self.decode()}
+        if self.bias_name and self.bias is not None:
+            out[self.bias_name] = self.bias
+        return out
 
     def squared_error(self, original: np.ndarray) -> float:
         """``sum((decode() - original)**2)`` in float64 (float32/16 -> float64 is exact), computed in place."""

@@ -42,6 +42,7 @@ def test_compress_shipped_lenet_within_budget(lenet_dir):
     # issue 3's acceptance figures on the shipped model (the refinement is what reaches them)
     assert comp["ratio_theoretical"] >= 16 and comp["ratio_file"] >= 10
     assert report["refinement"]["enabled"] and len(report["refinement"]["refined"]) == len(report["layers"])
+    assert all(layer["bias_corrected"] and layer["bias"] for layer in report["layers"])  # every LeNet-5 layer has a bias
     assert comp["ratio_file"] == pytest.approx(comp["bytes_before"] / out.stat().st_size)
     assert comp["packing_efficiency"] >= 0.95
     exploration = report["exploration"]
@@ -75,6 +76,16 @@ def test_no_refine_flag_reaches_the_pipeline(lenet_dir, tmp_path):
     report = json.loads((tmp_path / "o.report" / "report.json").read_text())
     assert report["refinement"]["enabled"] is False and report["config"]["global"]["refine"] is False
     assert not any(layer["refined"] for layer in report["layers"])
+
+
+def test_no_bias_correction_flag_reaches_the_pipeline(lenet_dir, tmp_path):
+    result = runner.invoke(app, ["compress", str(lenet_dir / "model.onnx"), "-o", str(tmp_path / "o.onnx"),
+                                 "--no-bias-correction", "--no-cache", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o.report" / "report.json").read_text())
+    assert report["refinement"]["enabled"] and report["refinement"]["bias_correction"] is False
+    assert report["config"]["global"]["bias_correction"] is False
+    assert all(layer["refined"] and not layer["bias_corrected"] for layer in report["layers"])
 
 
 def test_same_inputs_same_bytes(lenet_dir, tmp_path):

