@@ -26,7 +26,8 @@ network stages then measure the real loss as before. Weights read by other ops (
 Einsum, ...) or too large to refine keep their k-means form; the report says which and why.
 
 **Bias correction.** Where the weight's one consumer adds a constant bias per output channel
-(Conv ``B``, Gemm ``C``, a MatMul followed by ``Add`` of a constant), sharing also moves the
+(Conv ``B``, Gemm ``C``, a MatMul followed by ``Add`` of a constant; for a Conv without bias
+followed by an inference BatchNormalization, that one's running mean), sharing also moves the
 mean of every output channel by ``(w' - w) . E[x]``; the candidate then carries the bias
 ``b + (w - w') . E[x]`` (Gemm: times ``alpha / beta``), which cancels that shift on the
 measured inputs, and what is left of the output error is ``(w - w')^T C (w - w')`` with the
@@ -92,7 +93,7 @@ class Probe:
 class Bias:
     """The constant bias a weight's consumer adds per output channel: the tensor's name, and the
     factor between a change of the weight's output and the bias change that cancels it (a Gemm's
-    ``alpha / beta``, else 1)."""
+    ``alpha / beta``, -1 for the running mean of a BatchNormalization after a Conv, else 1)."""
 
     name: str
     scale: float = 1.0
@@ -191,6 +192,12 @@ def _bias(node: onnx.NodeProto, probe: Probe, outputs: int, uses: Mapping[str, l
     scale = 1.0
     if probe.op == "conv":
         name = node.input[2] if len(node.input) > 2 else ""
+        if not name:  # Conv -> BatchNormalization (not folded): its running mean absorbs the shift
+            readers = uses.get(node.output[0] if node.output else "", [])
+            if len(readers) == 1 and readers[0][0].op_type == "BatchNormalization" and readers[0][1] == 0 \
+                    and readers[0][0].domain in ("", "ai.onnx") and len(readers[0][0].input) == 5 \
+                    and not _attr(readers[0][0], "training_mode", 0) and node.output[0] not in graph_outputs:
+                name, scale = readers[0][0].input[3], -1.0  # mean' = mean - (w - w').E[x]
     elif probe.op == "gemm":
         name = node.input[2] if len(node.input) > 2 else ""
         beta = float(_attr(node, "beta", 1.0))

@@ -49,7 +49,7 @@ from onnxws.cache import ScoreCache
 from onnxws.data import EvalData, model_inputs
 from onnxws.errors import InputError, OnnxwsError, UsageError
 from onnxws.loading import DATA_FIELDS, _copy_tensor_header, fits_in_one_message, graph_shell, payload_bytes
-from onnxws.metrics import Metric, output_divergence, reference_key
+from onnxws.metrics import Metric, output_divergence, reference_key, squared_sum
 
 logger = logging.getLogger(__name__)
 
@@ -633,6 +633,7 @@ class Scorer:
         self._baseline: dict[str, float] = {}
         self._memo: dict[str, tuple[float, float, float | None]] = {}
         self._outcomes: dict[str, np.ndarray] = {}  # per-sample outcomes of the unmodified model
+        self._energies: dict[str, list[float]] = {}  # sum(r**2) of each reference output (divergence)
         self.scorings = 0
         self.scorings_run = 0
         self.scorings_cached = 0
@@ -967,10 +968,14 @@ class Scorer:
 
     def _divergence(self, outputs: list[np.ndarray], subset: str) -> float:
         reference = self.reference_outputs(subset)
+        if subset not in self._energies:  # sum(r**2) of each float reference output, once per subset
+            self._energies[subset] = [squared_sum(r) if np.issubdtype(np.asarray(r).dtype, np.floating) else 0.0
+                                      for r in reference]
+        energies = self._energies[subset]
         if self.metric.output is not None and self.metric.output in self._output_names:
             i = self._output_names.index(self.metric.output)
-            return output_divergence([outputs[i]], [reference[i]])
-        return output_divergence(outputs, reference)
+            return output_divergence([outputs[i]], [reference[i]], [energies[i]])
+        return output_divergence(outputs, reference, energies)
 
     def _compute_baseline(self, subset: str, outputs: list[np.ndarray] | None = None) -> None:
         if outputs is None:

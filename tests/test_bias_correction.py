@@ -29,6 +29,10 @@ CASES = {
     # Gemm with alpha and beta: the bias moves by alpha / beta times the output shift
     "gemm": ([helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1, alpha=0.5, beta=2.0)],
              [None, 12], rng.normal(0, 0.3, (7, 12)).astype(np.float32), (1, 7), 2),
+    # Conv without bias feeding an inference BatchNormalization (unit scale and variance): B is its running mean
+    "conv_bn": ([helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+                 helper.make_node("BatchNormalization", ["c", "S", "Beta", "B", "V"], ["y"])],
+                [None, 3, 7, 7], rng.normal(0, 0.3, (5, 3, 3, 3)).astype(np.float32), (5,), 4),
     # MatMul on a 3-D input followed by Add of a constant (the exporters' Linear)
     "matmul_add": ([helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["B", "m"], ["y"])],
                    [None, 5, 12], rng.normal(0, 0.3, (12, 7)).astype(np.float32), (7,), 3),
@@ -36,9 +40,13 @@ CASES = {
 
 
 def _model(nodes: list[onnx.NodeProto], x_shape: list, w: np.ndarray, b: np.ndarray, y_rank: int) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    if any(node.op_type == "BatchNormalization" for node in nodes):  # y = (c - B) / sqrt(V + eps) * 1 + 0 = c - B
+        channels = b.shape[0]
+        inits += [numpy_helper.from_array(np.ones(channels, np.float32), "S"), numpy_helper.from_array(np.zeros(channels, np.float32), "Beta"),
+                  numpy_helper.from_array(np.full(channels, 1 - 1e-5, np.float32), "V")]
     graph = helper.make_graph(nodes, "one_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * y_rank)],
-                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * y_rank)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -78,10 +86,10 @@ def test_corrected_bias_cancels_the_mean_output_shift(case):
     # Inputs far from zero mean: sharing shifts every output channel's mean.
     x = (np.random.default_rng(1).normal(0, 1, shape) + np.linspace(0.5, 2, shape[-1])).astype(np.float32)
     refine_plan, moments = _moments(model, x)
-    scale = 0.25 if case == "gemm" else 1.0
+    scale = {"gemm": 0.25, "conv_bn": -1.0}.get(case, 1.0)
     assert refine_plan.biases == {"W": Bias("B", scale)} and refine_plan.bias_reasons == {}
     reference = _run(model, {}, x)
-    channel_axis = 1 if case == "conv" else reference.ndim - 1
+    channel_axis = 1 if case.startswith("conv") else reference.ndim - 1
     out_axis = 1 if case == "matmul_add" else 0
     for shared in (share_weight("W", w, 4), share_weight("W", w, 2, Granularity("channel"), out_axis)):
         plain, _, plain_start = refine(shared, w, moments)

@@ -172,3 +172,21 @@ def test_builtin_metrics_pickle_and_identity():
     assert metric.identity() != resolve_metric(None, data, model, output="neg").identity()
     custom = Metric("m:f", CustomMetric("m:f", lambda o, d: 1.0, "abc"))
     assert "abc" in custom.identity()
+
+
+def test_squared_sum_matches_float64_over_chunks_and_dtypes():
+    from onnxws.metrics import _SUM_CHUNK, output_divergence, squared_sum
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 3, (3, _SUM_CHUNK // 2 + 7)).astype(np.float32)  # crosses a chunk boundary
+    out = ref + rng.normal(0, 1e-3, ref.shape).astype(np.float32)
+    exact_err = float(np.sum((out.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    exact_energy = float(np.sum(ref.astype(np.float64) ** 2))
+    assert squared_sum(out, ref) == pytest.approx(exact_err, rel=1e-5)
+    assert squared_sum(ref) == pytest.approx(exact_energy, rel=1e-12)
+    half_out, half_ref = out.astype(np.float16), ref.astype(np.float16)  # fp16 outputs: difference taken in fp32
+    assert squared_sum(half_out, half_ref) == pytest.approx(
+        float(np.sum((half_out.astype(np.float64) - half_ref.astype(np.float64)) ** 2)), rel=1e-6)
+    plain = output_divergence([out], [ref])
+    assert plain == pytest.approx(exact_err / exact_energy, rel=1e-5)
+    assert output_divergence([out], [ref], [squared_sum(ref)]) == plain

@@ -457,7 +457,7 @@ def test_divergence_comes_from_the_same_run_and_is_cached(labelled, tmp_path, en
         ref = scorer.reference_outputs("full")[0].astype(np.float64)
         out = scorer.outputs(candidates[2], "full")[0].astype(np.float64)
         assert pairs[2][1] == pytest.approx(np.sum((out - ref) ** 2) / np.sum(ref ** 2), rel=1e-9)
-        assert output_divergence([out], [ref]) == pytest.approx(pairs[2][1], rel=1e-12)
+        assert output_divergence([out], [ref]) == pytest.approx(pairs[2][1], rel=1e-9)  # the scorer subtracts in float32
         again = make_scorer(labelled, engine, cache=cache)
         assert again.score_with_divergence(candidates, "full") == pairs
         assert again.scorings_run == 0 and again.scorings_cached == 3
