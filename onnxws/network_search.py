@@ -5,6 +5,10 @@ Strategies:
   near the budget, its predicted Pareto front searched exactly (onnxws.predictor), then
   active refinement: the most compressive tuples predicted within budget are scored for real,
   added to the fit, and the loop repeats until the best verified tuple stops improving.
+  Proposals stay within a trust region (``TRUST_RADIUS`` above the best feasible CR), which
+  halves when a round's proposals all lose more than the fit window and doubles on a new best:
+  a model fitted near the budget is least reliable where it extrapolates furthest (PP-OCR:
+  tuples 35 % past the best feasible one, predicted at 0.8 pp, lost 6-37 pp).
 - ``exhaustive``: the exact optimum over the product of the layer stage's candidate sets:
   tuples in descending-CR order on the search subset, the first within budget wins.
 - ``greedy``: from every layer at its safest candidate, repeatedly take the one-layer step
@@ -30,6 +34,9 @@ logger = logging.getLogger(__name__)
 UNSHARED = 0  # item k meaning "leave this layer unshared"
 FIT_WINDOW = 1.5  # the predictor is fitted on scored tuples with loss <= FIT_WINDOW * budget
 MIN_LOSS_LEVELS = 2.0  # ``auto`` starts from the paper's model only above this (``loss_levels``)
+TRUST_RADIUS = 0.25  # active refinement proposes tuples at most this fraction more compressive than the best
+TRUST_MAX = 1.0      # feasible one (halved after a round whose proposals all land past the fit window,
+                     # doubled on a new best up to TRUST_MAX)
 
 
 @dataclass
@@ -197,7 +204,7 @@ def loss_levels(layers: list[Layer]) -> float:
 
 class _BestOfLoss:
     """``auto``: both models fitted every round; the one with the smaller leave-one-out error
-    on the scored tuples predicts (until there are tuples to compare, the paper's, unless most
+    on the scored tuples (``loo_error``) predicts (until there are 3 tuples to compare, the paper's, unless most
     layers have too few distinct losses alone (``loss_levels``); a tie in error keeps the paper's).
     Deep networks scored by top-1 on a few hundred samples favour the divergence model (a
     layer alone loses 0 or 1 sample); shallow ones with many samples can favour the paper's."""
@@ -292,8 +299,9 @@ def predictor_search(
             ctx.losses(randoms, "search", stage="fit")
             fitted.extend(randoms)
 
-        # 2. Active refinement.
+        # 2. Active refinement, within a trust region above the best feasible tuple.
         stale = 0
+        radius = TRUST_RADIUS
         best_ratio = max((ctx.ratio(t) for t in _feasible_sorted(ctx)), default=0.0)
         while True:
             loss_model.fit(fitted)
@@ -307,6 +315,9 @@ def predictor_search(
                 tup = tuple_of(point)
                 if tup and ctx.known(tup) is None and ctx.ratio(tup) > best_ratio:
                     better.append((tup, loss))
+            if best_ratio > 0:  # the most compressive within the region, else the nearest beyond it
+                cap = best_ratio * (1.0 + radius)
+                better = [p for p in better if ctx.ratio(p[0]) <= cap] or better[::-1]
             inside = [p for p in better if p[1] <= ctx.target + 1e-12]
             proposals = inside[:per_round] or sorted(better, key=lambda p: p[1])[:per_round]
             outcome.front = [(tuple_of(p), ctx.total_full_bits / max(p.size_bits, 1), loss)
@@ -320,7 +331,10 @@ def predictor_search(
             ctx.progress("network", len(fitted), 0, _best_message(ctx))
             if new_best > best_ratio + 1e-9:
                 best_ratio, stale = new_best, 0
+                radius = min(2 * radius, TRUST_MAX)
             else:
+                if all(ctx.known(t) > FIT_WINDOW * ctx.budget for t in tuples):
+                    radius /= 2
                 stale += 1
                 if stale >= patience:
                     break
