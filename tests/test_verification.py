@@ -170,3 +170,30 @@ def test_shrink_when_no_subset_feasible_tuple_holds():
     ranked = sorted(start, key=lambda n: -(ctx.by_name[n].full_bits - ctx.by_name[n].option(start[n]).size_bits)
                     / (ctx.by_name[n].loss_alone[start[n]] + 1e-12))
     assert result.chosen == {n: start[n] for n in ranked[:2]}
+
+
+def test_shrink_ends_on_one_layer_at_its_widest_candidate():
+    """The full set is far harsher (+1.5 pp) for every tuple with a layer below its widest
+    candidate: every step-back and shrink candidate misses, down to one layer at a narrow k; the
+    shrink then verifies that layer at its widest candidate, which holds (before: nothing emitted)."""
+    layers, truth = make_layers([150, 2400, 4800, 600], [0.3, 0.2, 0.05, 0.1])
+
+    def evaluate(tuples, subset):
+        out = []
+        for tup in tuples:
+            loss = sum(truth[n][k] for n, k in tup.items()) * (1.1 if len(tup) > 1 else 1.0)
+            if subset == "full" and any(k < 256 for k in tup.values()):
+                loss += 1.5
+            out.append(0.99 - loss / 100.0)
+        return out
+
+    ctx = SearchContext(layers, evaluate, {"search": 0.99, "full": 0.99}, 1.0, "absolute", max_scorings=400)
+    for layer in layers:
+        layer.candidates = [opt.k for opt in layer.options if opt.bits >= 1]
+        layer.loss_alone = {k: truth[layer.name][k] for k in layer.candidates}
+    result = search_and_verify(ctx, strategy="exhaustive", noise=SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0),
+                               edge_tries=0)
+    assert result.log[-1][4] == "shrink" and result.chosen is not None
+    assert len(result.chosen) == 1 and list(result.chosen.values()) == [256]
+    assert within_budget(ctx.known(result.chosen, "full"), 1.0)
+    assert all(not within_budget(full, 1.0) for _, _, full, _, _ in result.log[:-1])
