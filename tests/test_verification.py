@@ -112,16 +112,20 @@ def test_no_edge_push_when_disabled():
     assert all(entry[4] != "edge" for entry in result.log) and result.edge_target is None
 
 
-def _harsh_context(penalty: float, min_layers: int, *, layer_stage: bool) -> SearchContext:
+def _harsh_context(penalty: float, min_layers: int, *, layer_stage: bool, harsh=None) -> SearchContext:
     """Stub network whose full set is ``penalty`` pp harsher than the subset for every tuple sharing
-    ``min_layers`` or more layers; ``layer_stage``: each layer alone already measured on the subset."""
+    ``min_layers`` or more layers (or for which ``harsh(tuple)`` holds); ``layer_stage``: each layer
+    alone already measured on the subset."""
     layers, truth = make_layers([150, 2400, 4800, 600], [0.3, 0.2, 0.05, 0.1])
+    if harsh is None:
+        def harsh(tup):
+            return len(tup) >= min_layers
 
     def evaluate(tuples, subset):
         out = []
         for tup in tuples:
             loss = sum(truth[n][k] for n, k in tup.items()) * (1.1 if len(tup) > 1 else 1.0)
-            if subset == "full" and len(tup) >= min_layers:
+            if subset == "full" and harsh(tup):
                 loss += penalty
             out.append(0.99 - loss / 100.0)
         return out
@@ -176,21 +180,7 @@ def test_shrink_ends_on_one_layer_at_its_widest_candidate():
     """The full set is far harsher (+1.5 pp) for every tuple with a layer below its widest
     candidate: every step-back and shrink candidate misses, down to one layer at a narrow k; the
     shrink then verifies that layer at its widest candidate, which holds (before: nothing emitted)."""
-    layers, truth = make_layers([150, 2400, 4800, 600], [0.3, 0.2, 0.05, 0.1])
-
-    def evaluate(tuples, subset):
-        out = []
-        for tup in tuples:
-            loss = sum(truth[n][k] for n, k in tup.items()) * (1.1 if len(tup) > 1 else 1.0)
-            if subset == "full" and any(k < 256 for k in tup.values()):
-                loss += 1.5
-            out.append(0.99 - loss / 100.0)
-        return out
-
-    ctx = SearchContext(layers, evaluate, {"search": 0.99, "full": 0.99}, 1.0, "absolute", max_scorings=400)
-    for layer in layers:
-        layer.candidates = [opt.k for opt in layer.options if opt.bits >= 1]
-        layer.loss_alone = {k: truth[layer.name][k] for k in layer.candidates}
+    ctx = _harsh_context(1.5, 1, layer_stage=False, harsh=lambda tup: any(k < 256 for k in tup.values()))
     result = search_and_verify(ctx, strategy="exhaustive", noise=SubsetNoise(2000, 10000, per_sample=True, unit_per_fraction=100.0),
                                edge_tries=0)
     assert result.log[-1][4] == "shrink" and result.chosen is not None
