@@ -32,7 +32,7 @@ from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_
 from onnxws.layer_search import choose_granularities, layer_sensitivity
 from onnxws.loading import check_model, load_model, message_bytes, model_sha256, without_payloads
 from onnxws.metrics import Metric, resolve_metric
-from onnxws.network_search import uniform_baseline
+from onnxws.network_search import uniform_baseline, verify_uniform
 from onnxws.refinement import Moments, Plan, measure_moments, refine_all
 from onnxws.refinement import plan as plan_refinement
 from onnxws.scoring import Scorer, evaluate_model
@@ -264,9 +264,7 @@ def compress(
         t0 = time.perf_counter()
         widths = sorted(set().union(*(config.settings_for(w.name, w.op_type).bits for w in discovery.weights)))
         uniform_tuple, uniform_tried = uniform_baseline(ctx, widths)
-        uniform_full = None
-        if uniform_tuple is not None:
-            uniform_full = ctx.losses([uniform_tuple], "full", stage="uniform", force=True)[0]
+        uniform_tuple, uniform_full = verify_uniform(ctx, widths, uniform_tuple, uniform_tried)
         timings["uniform"] = time.perf_counter() - t0
 
         # 7. Network stage + full-set verification (step back on a miss, push on slack) ------

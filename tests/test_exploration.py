@@ -215,6 +215,32 @@ def test_uniform_baseline_bisects_widths():
     assert len(tried) <= 4
 
 
+def test_uniform_baseline_steps_to_the_next_width_when_the_full_set_disagrees():
+    """The subset's best uniform width (k=8) misses on the full set (+0.6 pp there for every tuple
+    with a layer at 8 values or fewer); the next wider width is measured and kept when it holds."""
+    from onnxws.network_search import verify_uniform
+
+    layers, truth = make_layers([150, 2400, 4800], [0.3, 0.2, 0.05])
+    plain = stub_evaluate(truth)
+
+    def evaluate(tuples, subset):
+        values = plain(tuples, subset)
+        if subset == "full":
+            values = [v - (0.006 if min(t.values()) <= 8 else 0.0) for v, t in zip(values, tuples)]
+        return values
+
+    ctx = SearchContext(layers, evaluate, {"search": 0.99, "full": 0.99}, 1.0, "absolute")
+    found, tried = uniform_baseline(ctx, BITS)
+    assert set(found.values()) == {8}
+    tup, full = verify_uniform(ctx, BITS, found, tried)
+    assert set(tup.values()) == {16} and within_budget(full, 1.0) and 16 in tried
+    assert not within_budget(ctx.known(found, "full"), 1.0)
+    # a width that holds on the full set is kept as it is
+    ctx = context(layers, truth)
+    found, tried = uniform_baseline(ctx, BITS)
+    assert verify_uniform(ctx, BITS, found, tried)[0] == found
+
+
 def test_verify_steps_back_when_the_full_set_disagrees():
     layers, truth = make_layers([150, 2400], [0.3, 0.2])
     ctx = context(layers, truth, full_offset=0.3)
