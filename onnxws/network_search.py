@@ -462,16 +462,12 @@ def uniform_baseline(ctx: SearchContext, widths: list[int]) -> tuple[Tuple_ | No
     """
     ks = sorted({2 ** b for b in widths})
     tried: dict[int, float] = {}
-
-    def tup_for(k: int) -> Tuple_:
-        return {layer.name: _nearest_k(layer, k) for layer in ctx.layers}
-
     lo, hi = 0, len(ks) - 1
     best: int | None = None
     try:
         while lo <= hi:
             mid = (lo + hi) // 2
-            loss = ctx.losses([tup_for(ks[mid])], "search", stage="uniform")[0]
+            loss = ctx.losses([_uniform_tuple(ctx, ks[mid])], "search", stage="uniform")[0]
             tried[ks[mid]] = loss
             if within_budget(loss, ctx.target):
                 best, hi = ks[mid], mid - 1
@@ -479,7 +475,7 @@ def uniform_baseline(ctx: SearchContext, widths: list[int]) -> tuple[Tuple_ | No
                 lo = mid + 1
     except BudgetExhausted:
         pass
-    return (tup_for(best) if best is not None else None), tried
+    return (_uniform_tuple(ctx, best) if best is not None else None), tried
 
 
 def verify_uniform(ctx: SearchContext, widths: list[int], found: Tuple_ | None,
@@ -498,7 +494,7 @@ def verify_uniform(ctx: SearchContext, widths: list[int], found: Tuple_ | None,
     wider = [2 ** b for b in sorted(set(widths)) if 2 ** b > max(found.values())]
     if within_budget(full, ctx.budget) or not wider:
         return found, full
-    step = {layer.name: _nearest_k(layer, wider[0]) for layer in ctx.layers}
+    step = _uniform_tuple(ctx, wider[0])
     if SearchContext.key(step) == SearchContext.key(found):
         return found, full
     try:
@@ -510,6 +506,11 @@ def verify_uniform(ctx: SearchContext, widths: list[int], found: Tuple_ | None,
     except BudgetExhausted:
         return found, full
     return (step, step_full) if within_budget(step_full, ctx.budget) else (found, full)
+
+
+def _uniform_tuple(ctx: SearchContext, k: int) -> Tuple_:
+    """Every layer at ``k`` shared values (or its largest option below, where a layer caps k)."""
+    return {layer.name: _nearest_k(layer, k) for layer in ctx.layers}
 
 
 def _nearest_k(layer: Layer, k: int) -> int:

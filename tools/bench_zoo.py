@@ -125,16 +125,16 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
             continue
         r = json.loads(report_path.read_text())
         comp, expl, final = r.get("compression", {}), r.get("exploration", {}), r.get("final", {})
-        baseline_k = r.get("uniform_baseline") or {}
+        uniform_report = r.get("uniform_baseline") or {}
         # the best uniform k on the subset counts only if it also held on the full set
-        held = baseline_k.get("within_budget", True)
-        uniform = baseline_k.get("ratio_theoretical") if held else None
+        held = uniform_report.get("within_budget", True)
+        uniform = uniform_report.get("ratio_theoretical") if held else None
         per_layer = comp.get("ratio_theoretical")
         gain = f"{per_layer / uniform:.2f}" if per_layer and uniform else "-"
         tried_uniform = bool((expl.get("scorings_by_stage") or {}).get("uniform"))
         uniform_text = _ratio(uniform) if uniform else "none within budget" if tried_uniform else "not reached"
-        if baseline_k and not held and isinstance(baseline_k.get("loss"), (int, float)):
-            uniform_text += f" (k={baseline_k.get('k')}, {_ratio(baseline_k.get('ratio_theoretical'))}, lost {baseline_k['loss']:.2f} on the full set)"
+        if uniform_report and not held and isinstance(uniform_report.get("loss"), (int, float)):
+            uniform_text += f" (k={uniform_report.get('k')}, {_ratio(uniform_report.get('ratio_theoretical'))}, lost {uniform_report['loss']:.2f} on the full set)"
         metric = r.get("metric")
         metric = metric.get("name") if isinstance(metric, dict) else metric
         data = r.get("data") or {}
