@@ -58,7 +58,15 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from onnxws.errors import InputError, UsageError
-from onnxws.loading import _copy_tensor_header, fits_in_one_message, graph_shell, with_payloads
+from onnxws.loading import (
+    _PLACEHOLDER,
+    _copy_tensor_header,
+    _set_external,
+    check_light_by_path,
+    fits_in_one_message,
+    graph_shell,
+    with_payloads,
+)
 from onnxws.sharing import SharedWeight
 
 logger = logging.getLogger(__name__)
@@ -72,7 +80,6 @@ MIN_OPSET = 6  # Cast with an integer ``to`` attribute
 _NATIVE = {8: ("UINT8", 1), 4: ("UINT4", UINT4_OPSET), 2: ("UINT2", UINT2_OPSET)}
 _ML_DTYPES = {"UINT4": ml_dtypes.uint4, "UINT2": ml_dtypes.uint2}
 _LIGHT_MIN_BYTES = 1024  # larger initializers are swapped out while converting; shapes, axes, pads stay inline for the adapters
-_PLACEHOLDER = "onnxws-placeholder"  # external-data location of swapped-out tensors (never read from disk)
 _VERIFY_RTOL, _VERIFY_ATOL = 1e-5, 1e-6
 _DECODE_BATCH_BYTES = 1 << 30  # decoded_weights: initializer bytes per ORT sub-model
 
@@ -339,10 +346,7 @@ def _light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Tens
         tensor.name, tensor.data_type, tensor.doc_string = original.name, original.data_type, original.doc_string
         tensor.dims.extend(original.dims)
         tensor.metadata_props.extend(original.metadata_props)
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", _PLACEHOLDER), ("offset", "0"), ("length", str(nbytes))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
+        _set_external(tensor, _PLACEHOLDER, 0, nbytes)
     return light, swapped
 
 
@@ -510,18 +514,6 @@ def _function_nodes(nodes) -> Iterator[onnx.NodeProto]:
                     yield from _function_nodes(sub.node)
 
 
-def _check_light(light: onnx.ModelProto) -> None:
-    """``onnx.checker`` (full) on a light model: its placeholders point to an empty file in a temp folder."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory(prefix="onnxws-check-") as folder:
-        (Path(folder) / _PLACEHOLDER).touch()
-        path = Path(folder) / "model.onnx"
-        path.write_bytes(light.SerializeToString())
-        onnx.checker.check_model(str(path), full_check=True)
-
-
 def _min_ir_version(opset: int) -> int:
     try:
         return int(helper.find_min_ir_version_for([helper.make_opsetid("", opset)], ignore_unknown=True))
@@ -605,7 +597,7 @@ class _OpsetRaiser:
         if why is not None:
             return None, why
         try:
-            _check_light(merged)
+            check_light_by_path(merged, full_check=True)
         except Exception as exc:  # noqa: BLE001
             return None, f"the converted model fails onnx.checker: {_one_line(exc)}"
         try:

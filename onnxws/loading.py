@@ -100,16 +100,22 @@ def check_model(model: onnx.ModelProto, origin: str | Path = "model") -> None:
 
 
 def _check_light(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` by path on a light copy; its placeholders name an empty file beside it."""
+    """``onnx.checker`` by path on a light copy of ``model`` (``check_light_by_path``)."""
     light, swapped = _light_copy(model, lambda tensor, field: tensor.data_location == TensorProto.EXTERNAL
                                  or payload_bytes(tensor) >= _SWAP_MIN_BYTES)
     for source, target in swapped:
         _set_external(target, _PLACEHOLDER, 0, payload_bytes(source))
+    check_light_by_path(light)
+
+
+def check_light_by_path(light: onnx.ModelProto, *, full_check: bool = False) -> None:
+    """``onnx.checker`` by path on a light model, whose payload-free tensors name the external
+    file ``_PLACEHOLDER``: that file is an empty one in a temporary folder beside it."""
     with tempfile.TemporaryDirectory(prefix="onnxws-check-") as folder:
         (Path(folder) / _PLACEHOLDER).touch()
         path = Path(folder) / "model.onnx"
         path.write_bytes(light.SerializeToString())
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(str(path), full_check=full_check)
 
 
 def _one_line(exc: BaseException) -> str:
