@@ -10,7 +10,10 @@ from the repository root with the root on ``PYTHONPATH`` (so the zoo's metric mo
 resumable: finished models are not redone), then reads each ``OUT/<name>.report/report.json``
 and writes ``OUT/zoo_results.md`` (also printed): model, parameters, metric, baseline, final,
 loss, per-layer CR, best uniform-k CR, their ratio, file ratio, real scorings and seconds per
-stage, headed by the date, machine and onnxws command.
+stage, headed by the date, machine and onnxws command. Beside them, what standard formats
+(fp16, int8 / int4 per-channel) lose on the same evaluation set (``tools/zoo_reference.py``,
+run with onnxws's Python unless ``--no-reference``; also resumable), which tells how much of
+the budget the evaluation set's own sensitivity leaves.
 """
 
 from __future__ import annotations
@@ -93,6 +96,21 @@ def onnxws_command(explicit: str | None) -> list[str]:
     return [found] if found else [sys.executable, "-m", "onnxws.cli"]
 
 
+def onnxws_python(command: list[str]) -> str:
+    """The Python that has onnxws installed: the one beside the onnxws CLI, else this one."""
+    beside = Path(command[0]).with_name("python")
+    return str(beside) if command[0].endswith("onnxws") and beside.exists() else sys.executable
+
+
+def reference_text(out: Path, name: str) -> str:
+    """``fp16 0.80 / int8 13.10 / int4 94.00`` from ``OUT/<name>.reference.json``, or ``-``."""
+    path = out / f"{name}.reference.json"
+    if not path.exists():
+        return "-"
+    formats = json.loads(path.read_text()).get("formats", {})
+    return " / ".join(f"{fmt.split()[0]} {v['loss_pp']:.2f}" for fmt, v in formats.items())
+
+
 def _pct(value: float | None) -> str:
     return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "-"
 
@@ -113,7 +131,8 @@ def failures(out: Path) -> dict[str, str]:
 def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dict[str, object]) -> str:
     """The Markdown results table for ``models`` from their reports under ``out``."""
     head = ("| model | params | metric (search / full samples) | baseline | final | loss | CR per-layer | CR best uniform k "
-            "| per-layer / uniform | CR whole model | file ratio | scorings run / cached | seconds per stage |")
+            "| per-layer / uniform | CR whole model | file ratio | scorings run / cached | seconds per stage "
+            "| loss of fp16 / int8 / int4 per-channel (2x / 4x / 8x), pp |")
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
     errors = failures(out)
     for name, meta in models:
@@ -121,7 +140,7 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
         params = f"{meta.get('params', 0):,}"
         if not report_path.exists():
             why = errors.get(name, "not run (no report)").replace("|", "/").replace("\n", " ")
-            rows.append(f"| {name} | {params} | | failed: {why[:160]} | | | | | | | | | |")
+            rows.append(f"| {name} | {params} | | failed: {why[:160]} | | | | | | | | | | {reference_text(out, name)} |")
             continue
         r = json.loads(report_path.read_text())
         comp, expl, final = r.get("compression", {}), r.get("exploration", {}), r.get("final", {})
@@ -149,7 +168,7 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
         rows.append(f"| {name} | {params} | {metric} | {_pct(r.get('baseline', {}).get('value'))} | "
                     f"{_pct(final.get('value'))} | {loss} | {_ratio(per_layer)} | {uniform_text} | {gain} | "
                     f"{_ratio(comp.get('ratio_whole_theoretical'))} | {_ratio(comp.get('ratio_file'))} | {expl.get('scorings_run', '-')} / {expl.get('scorings_cached', '-')} | "
-                    f"{stages} |")
+                    f"{stages} | {reference_text(out, name)} |")
     when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     machine = (f"{platform.node() or 'unknown host'}: {platform.platform()}, {platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}), "
@@ -160,7 +179,10 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
             "CR = compression ratio of the shared weight tensors (theoretical: indices + codebooks vs fp32); "
             "CR whole model counts the unshared tensors at full size; "
             "file ratio = .onnx bytes before / after; scorings cached = answered by the score cache of an earlier run. Loss in percentage points (pp) of the metric; "
-            "top1_agreement = top-1 agreement with the uncompressed model (data without labels).\n\n"
+            "top1_agreement = top-1 agreement with the uncompressed model (data without labels). "
+            "Last column: loss on the full set when every shareable weight is stored as fp16, or as symmetric "
+            "linear int8 / int4 with one scale per output channel (tools/zoo_reference.py): the loss that the "
+            "evaluation set charges for standard formats of 2x, 4x and 8x.\n\n"
             + "\n".join(rows) + "\n")
 
 
@@ -178,6 +200,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="models compressed in parallel")
     parser.add_argument("--onnxws", default=None, help="onnxws command (default: the repository's .venv/bin/onnxws)")
     parser.add_argument("--force", action="store_true", help="redo models that are already done")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="do not score the fp16 / int8 / int4 reference formats (tools/zoo_reference.py)")
     parser.add_argument("--table-only", action="store_true", help="do not run onnxws; rebuild the table from OUT")
     args = parser.parse_args()
     zoo, out = args.zoo.expanduser().resolve(), args.out.expanduser().resolve()
@@ -198,6 +222,12 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         print("running:", shlex.join(cmd), flush=True)
         code = subprocess.call(cmd, cwd=ROOT, env=env)
+        todo = [name for name, _ in models if args.force or not (out / f"{name}.reference.json").exists()]
+        if todo and not args.no_reference:
+            ref = [onnxws_python(cmd), str(ROOT / "tools" / "zoo_reference.py"), "--zoo", str(zoo), "--out", str(out),
+                   "--models", ",".join(todo)]
+            print("running:", shlex.join(ref), flush=True)
+            code = subprocess.call(ref, cwd=ROOT, env=env) or code
     text = table(out, models, shlex.join(cmd), defaults)
     (out / "zoo_results.md").write_text(text)
     print(text)
