@@ -153,6 +153,24 @@ class SearchContext:
         self._spread: dict[tuple[str, tuple[tuple[str, int], ...]], float] = {}
         self.total_full_bits = sum(layer.full_bits for layer in self.layers)
 
+    def new_search_subset(self, baseline: float, label: str) -> None:
+        """The evaluator's search subset changed (the pipeline grew it): what was measured on the
+        old one stops counting for the search and the layer stage's findings are cleared; the
+        log keeps those entries with ``subset`` relabelled ``label``; full-set measurements stay."""
+        self.baseline["search"] = baseline
+        self.target = self.budget
+        for store in (self._memo, self._divergence, self._spread):
+            for key in [key for key in store if key[0] == "search"]:
+                del store[key]
+        for entry in self.explored:
+            if entry.subset == "search":
+                entry.subset = label
+        for layer in self.layers:
+            layer.loss_alone.clear()
+            layer.divergence_alone.clear()
+            layer.loss_source.clear()
+            layer.candidates.clear()
+
     # -- sizes -------------------------------------------------------------------------
     def size_bits(self, tup: Mapping[str, int]) -> int:
         """Stored bits of the shared tensors for a tuple (layers absent stay unshared)."""

@@ -37,7 +37,14 @@ from onnxws.refinement import Moments, Plan, measure_moments, refine_all
 from onnxws.refinement import plan as plan_refinement
 from onnxws.scoring import Scorer, evaluate_model
 from onnxws.sharing import Granularity, SharedWeight, index_bits
-from onnxws.verification import EDGE_MIN_PROBABILITY, SubsetNoise, Verification, search_and_verify
+from onnxws.verification import (
+    EDGE_MIN_PROBABILITY,
+    ESCALATE_FACTOR,
+    SubsetNoise,
+    Verification,
+    search_and_verify,
+    subset_misled,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -273,9 +280,38 @@ def compress(
             ctx, strategy=config.strategy, predictor=config.predictor, seed=config.seed,
             noise=_subset_noise(scorer, metric, config.loss_mode), edge_tries=config.edge_tries,
             uniform=(uniform_tuple, uniform_full))
-        outcome, chosen = verification.outcome, verification.chosen
         timings["network"] = time.perf_counter() - t0 - verification.seconds
         timings["verify"] = verification.seconds
+
+        # 7b. A search subset that misled the search: grow it, search again --------------------
+        growth: list[dict] = []
+        latest = verification  # the last round's own verification: the evidence for growing again
+        while scorer.n_search < scorer.n_full and ctx.can_score():
+            misled = subset_misled(ctx, latest)
+            if misled is None:
+                break
+            before, grown = scorer.n_search, min(scorer.n_full, ESCALATE_FACTOR * scorer.n_search)
+            growth.append({"from_samples": before, "to_samples": grown, **misled})
+            notify("layer", 0, 0, f"search subset {before} -> {grown} samples: the full set disagreed")
+            t0 = time.perf_counter()
+            scorer.grow_search(grown)
+            ctx.new_search_subset(scorer.baseline_search, f"search_{before}")
+            proxy_stats = layer_sensitivity(ctx)
+            timings["layer"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            again = search_and_verify(
+                ctx, strategy=config.strategy, predictor=config.predictor, seed=config.seed,
+                noise=_subset_noise(scorer, metric, config.loss_mode), edge_tries=config.edge_tries,
+                uniform=(uniform_tuple, uniform_full))
+            timings["network"] += time.perf_counter() - t0 - again.seconds
+            timings["verify"] += again.seconds
+            earlier, latest = verification.chosen, again
+            verification = Verification(again.chosen, verification.log + again.log, again.outcome, again.edge_target)
+            if earlier is not None and (again.chosen is None or ctx.ratio(earlier) > ctx.ratio(again.chosen)):
+                verification.chosen = earlier
+        outcome, chosen = verification.outcome, verification.chosen
+        if chosen is not None and ctx.known(chosen) is None:  # an earlier subset's answer won: measure it on this one
+            ctx.losses([chosen], "search", stage="verify", force=True)
         if chosen is None:
             smallest = min((e.loss_measured for e in ctx.explored if e.subset == "full"), default=None)
             if smallest is None:
@@ -317,7 +353,7 @@ def compress(
             scorer=scorer, ctx=ctx, config=config, discovery=discovery, shares=shares, chosen=chosen,
             encoded=encoded, emitted_value=emitted_value, scorer_value=scorer_value, final_loss=final_loss,
             bytes_before=bytes_before, timings=timings, outcome=outcome, uniform=(uniform_tuple, uniform_full, uniform_tried),
-            proxy_stats=proxy_stats, verification=verification,
+            proxy_stats=proxy_stats, verification=verification, growth=growth,
             refinement=(refine_plan, output_errors, refined_rows),
         )
     finally:
@@ -415,7 +451,7 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
                   ctx: SearchContext, config: CompressConfig, discovery: Discovery, shares, chosen,
                   encoded: EncodeResult, emitted_value: float, scorer_value: float, final_loss: float,
                   bytes_before: int, timings: dict, outcome, uniform, proxy_stats, verification: Verification,
-                  refinement: tuple[Plan, dict, dict]) -> dict:
+                  growth: list[dict], refinement: tuple[Plan, dict, dict]) -> dict:
     mode = config.loss_mode
     unit = loss_unit(mode)
     refine_plan, output_errors, refined_rows = refinement
@@ -523,6 +559,7 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
             "search_target": ctx.target,
             "verification": [{"k": t, "loss_search": s, "loss_full": f, "phase": phase}
                              for t, s, f, _, phase in verification.log],
+            "search_subset_growth": growth,
             "edge_push": {"search_target": verification.edge_target, "min_probability": EDGE_MIN_PROBABILITY,
                           "tries": sum(1 for entry in verification.log if entry[4] == "edge"),
                           "max_tries": config.edge_tries},

@@ -300,6 +300,12 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
                  f"{_num(edge.get('search_target'))} {unit} on the search subset (a chance of at least "
                  f"{100 * edge.get('min_probability', 0):.0f}% to hold on the full set, from the subset's sampling error) "
                  f"were verified: {edge.get('tries')} tried.</p>") if edge.get("search_target") is not None else ""
+    growth_html = "".join(
+        f"<p>Search subset grown from {g['from_samples']} to {g['to_samples']} samples: {g['misses']} tuple(s) within budget on it "
+        f"missed on the full set, and the verified answer ({_num(g.get('verified_ratio'), '.2f')}x) was below {100 * g.get('threshold', 0.9):.0f}% of what it had promised "
+        f"({g['promised_ratio']:.2f}x); the layer stage, the network stage and the verification ran again on the larger subset "
+        f"(losses on the smaller one are listed under subset <code>search_{g['from_samples']}</code>).</p>"
+        for g in e.get("search_subset_growth", []))
     skipped_rows = [[esc(s["name"]), esc(s["reason"])] for s in report.get("skipped", [])]
     notes = "".join(f"<li>{esc(n)}</li>" for n in report.get("encoding", {}).get("notes", [])) or "<li>none</li>"
     versions = ", ".join(f"{esc(k)} {esc(str(v))}" for k, v in report.get("versions", {}).items())
@@ -318,7 +324,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 <h2>Predictor</h2>{pred_html}{proxy_html}
 <h2>Time and scorings per stage</h2>
 <div class="plots">{_table(["stage", "seconds"], time_rows, {1})}{_table(["stage", "scorings"], stage_rows, {1})}</div>
-<h2>Full-set verification</h2>{_table(["k per tensor", f"loss search ({unit})", f"loss full ({unit})", "within budget", "phase"], verify_rows, {1, 2})}{edge_html}
+<h2>Full-set verification</h2>{_table(["k per tensor", f"loss search ({unit})", f"loss full ({unit})", "within budget", "phase"], verify_rows, {1, 2})}{edge_html}{growth_html}
 <details><summary>All {len(explored_rows)} evaluated tuples</summary>{_table(["k per tensor", "CR", "loss predicted", "loss measured", "stage", "subset"], explored_rows, {1, 2, 3})}</details>
 <h2>Skipped tensors</h2>{_table(["tensor", "reason"], skipped_rows) if skipped_rows else "<p>None.</p>"}
 <h2>Encoding</h2><p>Output opset {report.get('encoding', {}).get('opset')}.</p><ul>{notes}</ul>

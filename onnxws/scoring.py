@@ -728,6 +728,31 @@ class Scorer:
             del candidate  # before the generator decodes the next one
         return results
 
+    def grow_search(self, n: int) -> None:
+        """Make the search subset the first ``n`` samples (more than now, at most the full set).
+
+        Later ``search`` scorings run on the larger subset, whose baseline is computed here.
+        Cache keys hold the subset's size, so nothing measured on the smaller subset is taken
+        for the larger one (with ``n`` = the full set, search and full scorings share keys:
+        they are the same measurement).
+        """
+        n = min(int(n), self.n_full)
+        if n <= self.n_search:
+            raise ValueError(f"grow_search({n}): the search subset already has {self.n_search} samples")
+        self.n_search = n
+        self._data["search"] = self._data["full"].head(n)
+        for store in (self._batches, self._views, self._reference, self._baseline, self._outcomes, self._energies):
+            store.pop("search", None)
+        for key in [key for key in self._activations if key[1] == "search"]:
+            acts = self._activations.pop(key)
+            if acts is not None:
+                self._activation_bytes -= sum(a.nbytes for batch in acts for a in batch.values())
+        self._key_prefix["search"] = self._context_key("search")
+        same = n == self.n_full and "full" in self._reference  # the full set's reference run is this one
+        self._compute_baseline("search", self._reference["full"] if same else None)
+        self.baseline_search = self._baseline["search"]
+        logger.info("scorer: search subset grown to %d samples, baseline %.4f", n, self.baseline_search)
+
     def outputs(self, candidate: Mapping[str, np.ndarray], subset: str = "full") -> list[np.ndarray]:
         """Raw model outputs with ``candidate``'s weights (concatenated over batches); not a scoring."""
         self._check_subset(subset)

@@ -18,6 +18,12 @@ a few tenths of a point on a top-1 metric over a few thousand samples, in both d
   least ``EDGE_MIN_PROBABILITY`` are verified on the full set, at most ``edge_tries`` of them.
 
 The answer is always a tuple measured within budget on the full set.
+
+- **grow the subset** (``subset_misled``, run by the pipeline): when a tuple that held on the
+  subset missed on the full set and the verified answer is well below what the subset promised
+  (``ESCALATE_BELOW``), the subset was too small to rank tuples at this budget: the pipeline
+  grows it ``ESCALATE_FACTOR`` times (at most to the full set) and runs the layer stage, the
+  network stage and this verification again; the better of the verified answers wins.
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ SHRINK_TRIES = 6
 # Edge push: a tuple over the budget on the subset is verified when its estimated chance of
 # holding on the full set is at least this (one-sided: about 1.28 standard errors over).
 EDGE_MIN_PROBABILITY = 0.1
+# Growing the search subset: when the verified answer's CR is below ESCALATE_BELOW times the CR of
+# a tuple that held on the subset and missed on the full set, the subset grows ESCALATE_FACTOR
+# times (at most to the full set) and the search runs again.
+ESCALATE_BELOW = 0.9
+ESCALATE_FACTOR = 4
 
 
 @dataclass
@@ -259,6 +270,26 @@ def search_and_verify(ctx: SearchContext, *, strategy: str, predictor: str = "au
         if result.chosen is None or ctx.ratio(tup) > ctx.ratio(result.chosen):
             result.chosen = tup
     return result
+
+
+def subset_misled(ctx: SearchContext, result: Verification) -> dict | None:
+    """Whether the search subset misled the search enough to search again on a larger one.
+
+    Evidence: verified tuples within the budget on the subset that missed it on the full set
+    (the edge push's tuples, over the budget on the subset already, are not evidence). The most
+    compressive of them is what the subset promised; when the verified answer is below
+    ``ESCALATE_BELOW`` times that (or there is none), returns ``{"promised_ratio", "verified_ratio",
+    "misses", "threshold"}``; else None.
+    """
+    missed = [tup for tup, search_loss, full_loss, _, _ in result.log
+              if search_loss is not None and within_budget(search_loss, ctx.budget) and not within_budget(full_loss, ctx.budget)]
+    if not missed:
+        return None
+    promised = max(ctx.ratio(tup) for tup in missed)
+    verified = ctx.ratio(result.chosen) if result.chosen is not None else 0.0
+    if verified >= ESCALATE_BELOW * promised:
+        return None
+    return {"promised_ratio": promised, "verified_ratio": verified or None, "misses": len(missed), "threshold": ESCALATE_BELOW}
 
 
 def _subset_tuples(ctx: SearchContext, untried: Callable, limit: float) -> list[Tuple_]:

@@ -504,3 +504,31 @@ def test_candidates_may_be_a_generator_decoded_one_at_a_time(labelled):
     full = scorer.baseline_full
     scorer.close()
     assert scorer.originals == {} and scorer.baseline_full == full == fresh.baseline_full  # weights released, baselines kept
+
+
+def test_growing_the_search_subset_equals_a_scorer_built_with_it(labelled):
+    """After ``grow_search(n)`` the search scorings (values, divergences, suffix runs from the
+    activation cache) are those of a scorer built with ``search_samples=n``; nothing measured on
+    the smaller subset is reused, and grown to the full set, search and full keys coincide."""
+    rng = np.random.default_rng(5)
+    grown = make_scorer(labelled, "session", search_samples=60)
+    candidates = [{name: (value + rng.normal(0, 0.3, value.shape)).astype(np.float32)}
+                  for name, value in grown.originals.items() for _ in range(2)]
+    small = grown.score_with_divergence(candidates)
+    key_small = grown.key(candidates[0])
+    grown.grow_search(200)
+    fresh = make_scorer(labelled, "session", search_samples=200)
+    assert grown.n_search == 200 and grown.baseline_search == fresh.baseline_search
+    assert grown.key(candidates[0]) == fresh.key(candidates[0]) != key_small
+    values = grown.score_with_divergence(candidates, spread=True)
+    assert values == fresh.score_with_divergence(candidates, spread=True)
+    assert [v[:2] for v in values] != small
+    assert np.array_equal(grown.reference_outputs("search")[0], fresh.reference_outputs("search")[0])
+    assert grown.scorings_suffix == 2 * len(candidates)  # suffix runs on both subsets, none reused
+    grown.grow_search(10_000)  # clipped to the full set: the same measurement as "full"
+    assert grown.n_search == grown.n_full == 300
+    assert grown.key(candidates[0], "search") == grown.key(candidates[0], "full")
+    assert grown.score(candidates, "search") == grown.score(candidates, "full")
+    with pytest.raises(ValueError, match="already has 300"):
+        grown.grow_search(100)
+    grown.close()

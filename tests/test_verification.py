@@ -187,3 +187,87 @@ def test_shrink_ends_on_one_layer_at_its_widest_candidate():
     assert len(result.chosen) == 1 and list(result.chosen.values()) == [256]
     assert within_budget(ctx.known(result.chosen, "full"), 1.0)
     assert all(not within_budget(full, 1.0) for _, _, full, _, _ in result.log[:-1])
+
+
+# -- growing the search subset ---------------------------------------------------------------
+
+def test_subset_misled_needs_a_miss_and_an_answer_well_below_the_promise():
+    from onnxws.verification import ESCALATE_BELOW, Verification, subset_misled
+
+    ctx = _harsh_context(1.2, 2, layer_stage=False)
+    big = {"w0": 4, "w1": 4, "w2": 4, "w3": 4}
+    small = {"w2": 64}
+    held = Verification(chosen=small, log=[(small, 0.0, 0.1, 0.0, "verify")])
+    assert subset_misled(ctx, held) is None  # nothing missed
+    edge = Verification(chosen=small, log=[(big, 1.3, 1.5, 0.0, "edge"), (small, 0.0, 0.1, 0.0, "verify")])
+    assert subset_misled(ctx, edge) is None  # over the budget on the subset already: no evidence
+    missed = Verification(chosen=small, log=[(big, 0.6, 1.8, 0.0, "verify"), (small, 0.0, 0.1, 0.0, "step_back")])
+    found = subset_misled(ctx, missed)
+    assert found == {"promised_ratio": ctx.ratio(big), "verified_ratio": ctx.ratio(small), "misses": 1,
+                     "threshold": ESCALATE_BELOW}
+    nothing = Verification(chosen=None, log=[(big, 0.6, 1.8, 0.0, "verify")])
+    assert subset_misled(ctx, nothing)["verified_ratio"] is None
+    close = {"w0": 8, "w1": 4, "w2": 4, "w3": 4}
+    assert ctx.ratio(close) >= ESCALATE_BELOW * ctx.ratio(big)
+    assert subset_misled(ctx, Verification(chosen=close, log=missed.log)) is None
+
+
+def test_a_new_search_subset_clears_the_search_and_keeps_the_full_set():
+    ctx = _harsh_context(1.2, 2, layer_stage=True)
+    tup = {"w1": 4, "w2": 4}
+    ctx.losses([tup], "search")
+    ctx.losses([tup], "full")
+    ctx.target = 0.5
+    before = len(ctx.explored)
+    ctx.new_search_subset(0.98, "search_250")
+    assert ctx.known(tup) is None and ctx.known(tup, "full") is not None
+    assert ctx.baseline["search"] == 0.98 and ctx.target == ctx.budget
+    assert len(ctx.explored) == before
+    assert {e.subset for e in ctx.explored} == {"search_250", "full"}
+    assert all(not layer.loss_alone and not layer.candidates for layer in ctx.layers)
+
+
+def _misleading_lenet_data(n_easy: int, n_hard: int) -> dict[str, np.ndarray]:
+    """LeNet-5's test digits ordered so that the search subset (the first ``n_easy``) holds the
+    ones the model is surest of (largest top-2 logit margin) and the rest the least sure."""
+    import onnxruntime as ort
+
+    from conftest import LENET
+
+    data = np.load(LENET / "eval.npz")
+    session = ort.InferenceSession(str(LENET / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: data["input"]})[0]
+    top = np.sort(logits, axis=1)
+    order = np.argsort(top[:, -1] - top[:, -2], kind="stable")
+    pick = np.concatenate([order[::-1][:n_easy], order[:n_hard]])
+    return {"input": data["input"][pick], "y": data["y"][pick]}
+
+
+def test_compress_grows_a_misleading_search_subset(monkeypatch, tmp_path):
+    """A search subset of easy digits calls nearly every tuple free; on the full set (mostly hard
+    digits) the verified tuples miss, and without growth the answer shrinks to one layer. Grown
+    4x, the search runs again where the subset ranks tuples like the full set, and the answer is
+    more than twice as compressive, still within the budget on the full set."""
+    import onnxws
+    from onnxws import verification
+
+    from conftest import LENET
+
+    data = _misleading_lenet_data(100, 600)
+    results = {}
+    for label, below in (("grown", verification.ESCALATE_BELOW), ("fixed", 0.0)):
+        monkeypatch.setattr(verification, "ESCALATE_BELOW", below)
+        result = onnxws.compress(LENET / "model.onnx", data, loss=1.0, search_samples=100, cache=False)
+        assert within_budget(result.report["final"]["loss"], 1.0)
+        result.save(tmp_path / f"{label}.onnx", report_dir=tmp_path / label)
+        results[label] = result.report
+    grown, fixed = results["grown"], results["fixed"]
+    assert fixed["exploration"]["search_subset_growth"] == [] and fixed["data"]["n_search"] == 100
+    growth = grown["exploration"]["search_subset_growth"]
+    assert [(g["from_samples"], g["to_samples"]) for g in growth][:1] == [(100, 400)]
+    assert grown["data"]["n_search"] >= 400
+    assert any(e["subset"] == "search_100" for e in grown["exploration"]["explored"])
+    assert grown["compression"]["ratio_whole_theoretical"] > 2 * fixed["compression"]["ratio_whole_theoretical"]
+    html = (tmp_path / "grown" / "report.html").read_text()
+    assert "Search subset grown from 100 to 400 samples" in html
+    assert "Search subset grown" not in (tmp_path / "fixed" / "report.html").read_text()
