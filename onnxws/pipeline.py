@@ -39,7 +39,7 @@ from onnxws.scoring import Scorer, evaluate_model
 from onnxws.sharing import Granularity, SharedWeight, index_bits
 from onnxws.verification import (
     EDGE_MIN_PROBABILITY,
-    ESCALATE_FACTOR,
+    GROW_FACTOR,
     SubsetNoise,
     Verification,
     search_and_verify,
@@ -286,11 +286,11 @@ def compress(
         # 7b. A search subset that misled the search: grow it, search again --------------------
         growth: list[dict] = []
         latest = verification  # the last round's own verification: the evidence for growing again
-        while scorer.n_search < scorer.n_full and ctx.can_score():
+        while scorer.n_search < scorer.n_full:
             misled = subset_misled(ctx, latest)
-            if misled is None:
+            if misled is None or not ctx.can_score():
                 break
-            before, grown = scorer.n_search, min(scorer.n_full, ESCALATE_FACTOR * scorer.n_search)
+            before, grown = scorer.n_search, min(scorer.n_full, GROW_FACTOR * scorer.n_search)
             growth.append({"from_samples": before, "to_samples": grown, **misled})
             notify("layer", 0, 0, f"search subset {before} -> {grown} samples: the full set disagreed")
             t0 = time.perf_counter()
@@ -310,8 +310,8 @@ def compress(
             if earlier is not None and (again.chosen is None or ctx.ratio(earlier) > ctx.ratio(again.chosen)):
                 verification.chosen = earlier
         outcome, chosen = verification.outcome, verification.chosen
-        if chosen is not None and ctx.known(chosen) is None:  # an earlier subset's answer won: measure it on this one
-            ctx.losses([chosen], "search", stage="verify", force=True)
+        if chosen is not None and ctx.known(chosen) is None and ctx.can_score():  # an earlier subset's answer won
+            ctx.losses([chosen], "search", stage="verify")  # its loss on this subset, for the report
         if chosen is None:
             smallest = min((e.loss_measured for e in ctx.explored if e.subset == "full"), default=None)
             if smallest is None:
@@ -527,7 +527,8 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
         "engine": scorer.engine,
         "budget": {"loss": config.loss, "mode": mode, "unit": unit},
         "baseline": {"value": ctx.baseline["full"], "value_search": ctx.baseline["search"]},
-        "final": {"value": emitted_value, "value_search": ctx.baseline["search"] - _to_fraction(ctx.known(chosen), ctx.baseline["search"], mode),
+        "final": {"value": emitted_value,
+                  "value_search": None if ctx.known(chosen) is None else ctx.baseline["search"] - _to_fraction(ctx.known(chosen), ctx.baseline["search"], mode),
                   "loss": final_loss, "loss_unit": unit, "loss_search": ctx.known(chosen),
                   "value_scorer_full": scorer_value, "k": dict(chosen)},
         "compression": {"ratio_theoretical": ratio_shared, "ratio_whole_theoretical": ratio_whole,

@@ -21,8 +21,8 @@ The answer is always a tuple measured within budget on the full set.
 
 - **grow the subset** (``subset_misled``, run by the pipeline): when a tuple that held on the
   subset missed on the full set and the verified answer is well below what the subset promised
-  (``ESCALATE_BELOW``), the subset was too small to rank tuples at this budget: the pipeline
-  grows it ``ESCALATE_FACTOR`` times (at most to the full set) and runs the layer stage, the
+  (``GROW_BELOW``), the subset was too small to rank tuples at this budget: the pipeline
+  grows it ``GROW_FACTOR`` times (at most to the full set) and runs the layer stage, the
   network stage and this verification again; the better of the verified answers wins.
 """
 
@@ -54,11 +54,11 @@ SHRINK_TRIES = 6
 # Edge push: a tuple over the budget on the subset is verified when its estimated chance of
 # holding on the full set is at least this (one-sided: about 1.28 standard errors over).
 EDGE_MIN_PROBABILITY = 0.1
-# Growing the search subset: when the verified answer's CR is below ESCALATE_BELOW times the CR of
-# a tuple that held on the subset and missed on the full set, the subset grows ESCALATE_FACTOR
+# Growing the search subset: when the verified answer's CR is below GROW_BELOW times the CR of
+# a tuple that held on the subset and missed on the full set, the subset grows GROW_FACTOR
 # times (at most to the full set) and the search runs again.
-ESCALATE_BELOW = 0.9
-ESCALATE_FACTOR = 4
+GROW_BELOW = 0.9
+GROW_FACTOR = 4
 
 
 @dataclass
@@ -277,8 +277,9 @@ def subset_misled(ctx: SearchContext, result: Verification) -> dict | None:
 
     Evidence: verified tuples within the budget on the subset that missed it on the full set
     (the edge push's tuples, over the budget on the subset already, are not evidence). The most
-    compressive of them is what the subset promised; when the verified answer is below
-    ``ESCALATE_BELOW`` times that (or there is none), returns ``{"promised_ratio", "verified_ratio",
+    compressive of them is what the subset promised (ratios as ``SearchContext.ratio``: over every
+    shareable tensor, the unshared ones at full size); when the verified answer is below
+    ``GROW_BELOW`` times that (or there is none), returns ``{"promised_ratio", "verified_ratio",
     "misses", "threshold"}``; else None.
     """
     missed = [tup for tup, search_loss, full_loss, _, _ in result.log
@@ -287,9 +288,9 @@ def subset_misled(ctx: SearchContext, result: Verification) -> dict | None:
         return None
     promised = max(ctx.ratio(tup) for tup in missed)
     verified = ctx.ratio(result.chosen) if result.chosen is not None else 0.0
-    if verified >= ESCALATE_BELOW * promised:
+    if verified >= GROW_BELOW * promised:
         return None
-    return {"promised_ratio": promised, "verified_ratio": verified or None, "misses": len(missed), "threshold": ESCALATE_BELOW}
+    return {"promised_ratio": promised, "verified_ratio": verified or None, "misses": len(missed), "threshold": GROW_BELOW}
 
 
 def _subset_tuples(ctx: SearchContext, untried: Callable, limit: float) -> list[Tuple_]:

@@ -192,7 +192,7 @@ def test_shrink_ends_on_one_layer_at_its_widest_candidate():
 # -- growing the search subset ---------------------------------------------------------------
 
 def test_subset_misled_needs_a_miss_and_an_answer_well_below_the_promise():
-    from onnxws.verification import ESCALATE_BELOW, Verification, subset_misled
+    from onnxws.verification import GROW_BELOW, Verification, subset_misled
 
     ctx = _harsh_context(1.2, 2, layer_stage=False)
     big = {"w0": 4, "w1": 4, "w2": 4, "w3": 4}
@@ -204,11 +204,11 @@ def test_subset_misled_needs_a_miss_and_an_answer_well_below_the_promise():
     missed = Verification(chosen=small, log=[(big, 0.6, 1.8, 0.0, "verify"), (small, 0.0, 0.1, 0.0, "step_back")])
     found = subset_misled(ctx, missed)
     assert found == {"promised_ratio": ctx.ratio(big), "verified_ratio": ctx.ratio(small), "misses": 1,
-                     "threshold": ESCALATE_BELOW}
+                     "threshold": GROW_BELOW}
     nothing = Verification(chosen=None, log=[(big, 0.6, 1.8, 0.0, "verify")])
     assert subset_misled(ctx, nothing)["verified_ratio"] is None
     close = {"w0": 8, "w1": 4, "w2": 4, "w3": 4}
-    assert ctx.ratio(close) >= ESCALATE_BELOW * ctx.ratio(big)
+    assert ctx.ratio(close) >= GROW_BELOW * ctx.ratio(big)
     assert subset_misled(ctx, Verification(chosen=close, log=missed.log)) is None
 
 
@@ -255,8 +255,8 @@ def test_compress_grows_a_misleading_search_subset(monkeypatch, tmp_path):
 
     data = _misleading_lenet_data(100, 600)
     results = {}
-    for label, below in (("grown", verification.ESCALATE_BELOW), ("fixed", 0.0)):
-        monkeypatch.setattr(verification, "ESCALATE_BELOW", below)
+    for label, below in (("grown", verification.GROW_BELOW), ("fixed", 0.0)):
+        monkeypatch.setattr(verification, "GROW_BELOW", below)
         result = onnxws.compress(LENET / "model.onnx", data, loss=1.0, search_samples=100, cache=False)
         assert within_budget(result.report["final"]["loss"], 1.0)
         result.save(tmp_path / f"{label}.onnx", report_dir=tmp_path / label)
