@@ -128,6 +128,7 @@ def compress(
     strategy: Annotated[Optional[Strategy], typer.Option(help="Network search: predictor (paper + refinement), exhaustive, greedy. [default: predictor]")] = None,
     predictor: Annotated[Optional[Predictor], typer.Option(help="Loss model of the predictor strategy: divergence (a fitted function of the summed output divergences), additive (the paper's weighted sum of losses alone), auto (the one that predicts the scored tuples better). [default: auto]")] = None,
     edge_tries: Annotated[Optional[int], typer.Option("--edge-tries", min=0, help="Most full-set scorings spent, when the verified tuple leaves loss to spare, on more compressive tuples that measured just over the budget on the search subset but within its sampling error (0: off). [default: 4]")] = None,
+    grow_subset: Annotated[Optional[bool], typer.Option("--grow-subset/--no-grow-subset", help="When tuples that held on the search subset miss on the full set and the verified answer falls well short of them, grow the subset 4x (at most to the full set) and search again, within --time-budget / --max-scorings. [default: grow-subset]")] = None,
     refine: Annotated[Optional[bool], typer.Option("--refine/--no-refine", help="Refine each candidate of Gemm/MatMul/Conv weights against the layer's measured inputs (indices with error feedback, least-squares codebook): same encoding, less output error. [default: refine]")] = None,
     bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="With --refine: give each refined weight's own bias (Conv B, Gemm C, MatMul + Add) the value that cancels the mean shift of its outputs on the search subset. [default: bias-correction]")] = None,
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", min=0.001, help="Stop exploring after this many seconds; the best verified tuple is kept.")] = None,
@@ -158,7 +159,7 @@ def compress(
             "loss": loss, "loss_mode": loss_mode.value if loss_mode else None, "device": device.value if device else None,
             "search_samples": search_samples, "batch_size": batch_size, "metric": metric, "output": output,
             "strategy": strategy.value if strategy else None, "predictor": predictor.value if predictor else None,
-            "edge_tries": edge_tries, "refine": refine, "bias_correction": bias_correction, "time_budget": time_budget, "max_scorings": max_scorings, "seed": seed, "opset": opset,
+            "edge_tries": edge_tries, "grow_subset": grow_subset, "refine": refine, "bias_correction": bias_correction, "time_budget": time_budget, "max_scorings": max_scorings, "seed": seed, "opset": opset,
         }
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if config is not None:
@@ -284,6 +285,7 @@ def batch(
     strategy: Annotated[Optional[Strategy], typer.Option()] = None,
     predictor: Annotated[Optional[Predictor], typer.Option()] = None,
     edge_tries: Annotated[Optional[int], typer.Option("--edge-tries", min=0)] = None,
+    grow_subset: Annotated[Optional[bool], typer.Option("--grow-subset/--no-grow-subset")] = None,
     refine: Annotated[Optional[bool], typer.Option("--refine/--no-refine")] = None,
     bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction")] = None,
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", min=0.001)] = None,
@@ -308,7 +310,7 @@ def batch(
         options = {"loss": loss, "loss_mode": loss_mode.value if loss_mode else None,
                    "device": device.value if device else None, "search_samples": search_samples,
                    "strategy": strategy.value if strategy else None, "predictor": predictor.value if predictor else None,
-                   "edge_tries": edge_tries, "refine": refine, "bias_correction": bias_correction, "time_budget": time_budget, "max_scorings": max_scorings, "seed": seed}
+                   "edge_tries": edge_tries, "grow_subset": grow_subset, "refine": refine, "bias_correction": bias_correction, "time_budget": time_budget, "max_scorings": max_scorings, "seed": seed}
         options = {k: v for k, v in options.items() if v is not None}
         cache: Any = False if no_cache else (str(cache_dir / "scores.sqlite") if cache_dir else None)
         if cache_dir is not None and not no_cache:

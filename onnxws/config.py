@@ -60,7 +60,8 @@ PREDICTORS = ("auto", "divergence", "additive")
 TABLES = ("global", "op_type", "tensor")
 #: Run options, in the order ``to_toml`` writes them (the field names of CompressConfig).
 RUN_KEYS = ("loss", "loss_mode", "device", "search_samples", "batch_size", "metric", "output", "strategy",
-            "predictor", "edge_tries", "refine", "bias_correction", "time_budget", "max_scorings", "seed", "opset")
+            "predictor", "edge_tries", "grow_subset", "refine", "bias_correction", "time_budget", "max_scorings", "seed",
+            "opset")
 #: Keys of a tensor-settings table ([global], [op_type.X], [tensor."glob"]), in write order.
 TENSOR_KEYS = ("skip", "min_params", "bits", "k_max", "granularity")
 _MAX_BITS = 8
@@ -100,6 +101,7 @@ _RUN_CONSTRAINTS: dict[str, _Check] = {
     "strategy": (_is_str, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
     "predictor": (_is_str, lambda v: v in PREDICTORS, f"one of {', '.join(PREDICTORS)}"),
     "edge_tries": (_is_int, lambda v: v >= 0, "an integer >= 0 (0: no edge push)"),
+    "grow_subset": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
     "refine": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
     "bias_correction": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
     "time_budget": (_is_real, lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0 (or omit it)"),
@@ -242,6 +244,7 @@ class CompressConfig:
     strategy: str = "predictor"
     predictor: str = "auto"            # loss model of the predictor strategy (network_search)
     edge_tries: int = 4                # full-set scorings of the edge push (verification)
+    grow_subset: bool = True           # grow a search subset that misled the search, search again (verification)
     refine: bool = True                # output-aware refinement of Gemm/MatMul/Conv candidates (refinement)
     bias_correction: bool = True       # with refine: correct the consumer's bias for the mean output shift
     time_budget: float | None = None   # seconds

@@ -275,18 +275,22 @@ def compress(
         timings["uniform"] = time.perf_counter() - t0
 
         # 7. Network stage + full-set verification (step back on a miss, push on slack) ------
-        t0 = time.perf_counter()
-        verification = search_and_verify(
-            ctx, strategy=config.strategy, predictor=config.predictor, seed=config.seed,
-            noise=_subset_noise(scorer, metric, config.loss_mode), edge_tries=config.edge_tries,
-            uniform=(uniform_tuple, uniform_full))
-        timings["network"] = time.perf_counter() - t0 - verification.seconds
-        timings["verify"] = verification.seconds
+        def search_round() -> Verification:
+            t0 = time.perf_counter()
+            found = search_and_verify(
+                ctx, strategy=config.strategy, predictor=config.predictor, seed=config.seed,
+                noise=_subset_noise(scorer, metric, config.loss_mode), edge_tries=config.edge_tries,
+                uniform=(uniform_tuple, uniform_full))
+            timings["network"] = timings.get("network", 0.0) + time.perf_counter() - t0 - found.seconds
+            timings["verify"] = timings.get("verify", 0.0) + found.seconds
+            return found
+
+        verification = search_round()
 
         # 7b. A search subset that misled the search: grow it, search again --------------------
         growth: list[dict] = []
         latest = verification  # the last round's own verification: the evidence for growing again
-        while scorer.n_search < scorer.n_full:
+        while config.grow_subset and scorer.n_search < scorer.n_full:
             misled = subset_misled(ctx, latest)
             if misled is None or not ctx.can_score():
                 break
@@ -298,13 +302,7 @@ def compress(
             ctx.new_search_subset(scorer.baseline_search, f"search_{before}")
             proxy_stats = layer_sensitivity(ctx)
             timings["layer"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            again = search_and_verify(
-                ctx, strategy=config.strategy, predictor=config.predictor, seed=config.seed,
-                noise=_subset_noise(scorer, metric, config.loss_mode), edge_tries=config.edge_tries,
-                uniform=(uniform_tuple, uniform_full))
-            timings["network"] += time.perf_counter() - t0 - again.seconds
-            timings["verify"] += again.seconds
+            again = search_round()
             earlier, latest = verification.chosen, again
             verification = Verification(again.chosen, verification.log + again.log, again.outcome, again.edge_target)
             if earlier is not None and (again.chosen is None or ctx.ratio(earlier) > ctx.ratio(again.chosen)):

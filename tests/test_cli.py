@@ -78,13 +78,14 @@ def test_no_refine_flag_reaches_the_pipeline(lenet_dir, tmp_path):
     assert not any(layer["refined"] for layer in report["layers"])
 
 
-def test_no_bias_correction_flag_reaches_the_pipeline(lenet_dir, tmp_path):
+def test_no_bias_correction_and_no_grow_subset_flags_reach_the_pipeline(lenet_dir, tmp_path):
     result = runner.invoke(app, ["compress", str(lenet_dir / "model.onnx"), "-o", str(tmp_path / "o.onnx"),
-                                 "--no-bias-correction", "--no-cache", "--json"])
+                                 "--no-bias-correction", "--no-grow-subset", "--no-cache", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "o.report" / "report.json").read_text())
     assert report["refinement"]["enabled"] and report["refinement"]["bias_correction"] is False
     assert report["config"]["global"]["bias_correction"] is False
+    assert report["config"]["global"]["grow_subset"] is False and report["exploration"]["search_subset_growth"] == []
     assert all(layer["refined"] and not layer["bias_corrected"] for layer in report["layers"])
 
 

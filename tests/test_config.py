@@ -206,7 +206,7 @@ def test_to_toml_is_deterministic_and_omits_none():
                                   "op_type": {"Conv": {"skip": True}, "Gemm": {"bits": [2, 4], "k_max": 8}}})
     assert a == b and a.to_toml() == b.to_toml()
     glob = a.to_dict()["global"]
-    assert list(glob) == ["loss", "loss_mode", "device", "search_samples", "strategy", "predictor", "edge_tries", "refine", "bias_correction", "seed",
+    assert list(glob) == ["loss", "loss_mode", "device", "search_samples", "strategy", "predictor", "edge_tries", "grow_subset", "refine", "bias_correction", "seed",
                           "skip", "min_params", "bits", "k_max", "granularity"]
     assert list(a.to_dict()["op_type"]) == ["Conv", "Gemm"]
     assert list(a.to_dict()["op_type"]["Gemm"]) == ["bits", "k_max"]

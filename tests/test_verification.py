@@ -243,26 +243,25 @@ def _misleading_lenet_data(n_easy: int, n_hard: int) -> dict[str, np.ndarray]:
     return {"input": data["input"][pick], "y": data["y"][pick]}
 
 
-def test_compress_grows_a_misleading_search_subset(monkeypatch, tmp_path):
+def test_compress_grows_a_misleading_search_subset(tmp_path):
     """A search subset of easy digits calls nearly every tuple free; on the full set (mostly hard
     digits) the verified tuples miss, and without growth the answer shrinks to one layer. Grown
     4x, the search runs again where the subset ranks tuples like the full set, and the answer is
     more than twice as compressive, still within the budget on the full set."""
     import onnxws
-    from onnxws import verification
 
     from conftest import LENET
 
     data = _misleading_lenet_data(100, 600)
     results = {}
-    for label, below in (("grown", verification.GROW_BELOW), ("fixed", 0.0)):
-        monkeypatch.setattr(verification, "GROW_BELOW", below)
-        result = onnxws.compress(LENET / "model.onnx", data, loss=1.0, search_samples=100, cache=False)
+    for label, grow in (("grown", True), ("fixed", False)):
+        result = onnxws.compress(LENET / "model.onnx", data, loss=1.0, search_samples=100, cache=False, grow_subset=grow)
         assert within_budget(result.report["final"]["loss"], 1.0)
         result.save(tmp_path / f"{label}.onnx", report_dir=tmp_path / label)
         results[label] = result.report
     grown, fixed = results["grown"], results["fixed"]
     assert fixed["exploration"]["search_subset_growth"] == [] and fixed["data"]["n_search"] == 100
+    assert fixed["config"]["global"]["grow_subset"] is False
     growth = grown["exploration"]["search_subset_growth"]
     assert [(g["from_samples"], g["to_samples"]) for g in growth][:1] == [(100, 400)]
     assert grown["data"]["n_search"] >= 400
