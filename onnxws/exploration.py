@@ -72,6 +72,13 @@ class Layer:
     loss_source: dict[int, str] = field(default_factory=dict)  # k -> "measured" | "proxy"
     candidates: list[int] = field(default_factory=list)  # Pareto-efficient k kept for the network stage
 
+    def forget_measurements(self) -> None:
+        """Drop what the layer stage learned (measured on a search subset that is gone)."""
+        self.loss_alone.clear()
+        self.divergence_alone.clear()
+        self.loss_source.clear()
+        self.candidates.clear()
+
     def option(self, k: int) -> Option:
         for opt in self.options:
             if opt.k == k:
@@ -166,10 +173,7 @@ class SearchContext:
             if entry.subset == "search":
                 entry.subset = label
         for layer in self.layers:
-            layer.loss_alone.clear()
-            layer.divergence_alone.clear()
-            layer.loss_source.clear()
-            layer.candidates.clear()
+            layer.forget_measurements()
 
     # -- sizes -------------------------------------------------------------------------
     def size_bits(self, tup: Mapping[str, int]) -> int:

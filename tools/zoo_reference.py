@@ -48,17 +48,13 @@ def linear_per_channel(bits: int) -> Callable[[np.ndarray, WeightInfo], np.ndarr
     levels = 2 ** (bits - 1) - 1
 
     def quantise(values: np.ndarray, info: WeightInfo) -> np.ndarray:
-        if values.ndim < 2:
-            rows = values.reshape(1, -1)
-        else:
-            rows = np.moveaxis(values, info.channel_axis, 0).reshape(values.shape[info.channel_axis], -1)
+        flat = values.ndim < 2  # one channel
+        moved = values.reshape(1, -1) if flat else np.moveaxis(values, info.channel_axis, 0)
+        rows = moved.reshape(moved.shape[0], -1)
         scale = np.abs(rows).max(axis=1, keepdims=True) / levels
         scale[scale == 0] = 1.0
-        out = (np.clip(np.round(rows / scale), -levels, levels) * scale).astype(values.dtype)
-        if values.ndim < 2:
-            return out.reshape(values.shape)
-        moved = np.moveaxis(values, info.channel_axis, 0).shape
-        return np.moveaxis(out.reshape(moved), 0, info.channel_axis)
+        out = (np.clip(np.round(rows / scale), -levels, levels) * scale).astype(values.dtype).reshape(moved.shape)
+        return out.reshape(values.shape) if flat else np.moveaxis(out, 0, info.channel_axis)
 
     return quantise
 
