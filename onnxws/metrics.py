@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import logging
 import math
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -204,12 +207,45 @@ class CustomMetric:
 
 
 def _code_hash(fn: Callable) -> str:
+    """What the score cache keys a custom metric on, the same in every process: the function's
+    code (bytecode, names, constants, nested code objects such as comprehensions and lambdas,
+    recursively) and the bytes of the source file that defines it (the helpers it calls live
+    there, and editing them must invalidate cached scores). ``repr`` of a code object or of a
+    frozenset is not stable across processes (an address; string hashing), so they are walked."""
     code = getattr(fn, "__code__", None)
     if code is None:
         return ""
-    digest = hashlib.sha256(code.co_code)
-    digest.update(repr(code.co_consts).encode())
+    digest = hashlib.sha256()
+    _hash_code(digest, code)
+    try:
+        source = inspect.getsourcefile(fn)
+        if source:
+            digest.update(Path(source).read_bytes())
+    except (OSError, TypeError):  # built in, or defined in a REPL: the code alone
+        pass
     return digest.hexdigest()[:16]
+
+
+def _hash_code(digest, code: types.CodeType) -> None:
+    digest.update(code.co_code)
+    digest.update(repr((code.co_names, code.co_varnames, code.co_freevars)).encode())
+    for const in code.co_consts:
+        _hash_const(digest, const)
+
+
+def _hash_const(digest, const: object) -> None:
+    if isinstance(const, types.CodeType):
+        _hash_code(digest, const)
+    elif isinstance(const, (tuple, frozenset)):
+        items = list(const)
+        if isinstance(const, frozenset):
+            items.sort(key=repr)
+        digest.update(b"(" if isinstance(const, tuple) else b"{")
+        for item in items:
+            _hash_const(digest, item)
+        digest.update(b")")
+    else:
+        digest.update(f"{type(const).__name__}:{const!r};".encode())
 
 
 def _load_custom(spec: str) -> CustomMetric:

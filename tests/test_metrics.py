@@ -174,6 +174,44 @@ def test_builtin_metrics_pickle_and_identity():
     assert "abc" in custom.identity()
 
 
+METRIC_WITH_NESTED_CODE = """
+    import numpy as np
+
+    def margin(out):
+        return float(np.mean(out))
+
+    def f(outputs, data):
+        names = {"alpha", "beta", "gamma"}            # a frozenset constant
+        scale = lambda v: v * 2.0                       # a nested code object
+        total = sum(float(o.sum()) for o in outputs)   # another one
+        return scale(total) * len(names) + margin(outputs[0])
+"""
+
+
+def _identity_in_a_fresh_process(tmp_path, hash_seed: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    code = "from onnxws.metrics import _load_custom; print(_load_custom('my_metric_nested:f').code_hash)"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_custom_metric_identity_is_the_same_in_every_process_and_follows_its_module(tmp_path):
+    """The score cache keys a custom metric on a hash of its code. ``repr`` of a nested code
+    object holds its address and a frozenset's order follows string hashing, so hashing
+    ``repr(co_consts)`` gave every process its own key and a rerun never hit the cache (the zoo's
+    OCR metric: 0 of 245 scorings cached). Editing a helper the metric calls changes the key."""
+    module = tmp_path / "my_metric_nested.py"
+    module.write_text(textwrap.dedent(METRIC_WITH_NESTED_CODE))
+    first, second = (_identity_in_a_fresh_process(tmp_path, seed) for seed in ("1", "2"))
+    assert first and first == second
+    module.write_text(textwrap.dedent(METRIC_WITH_NESTED_CODE).replace("np.mean(out)", "np.max(out)"))
+    assert _identity_in_a_fresh_process(tmp_path, "1") != first
+
+
 def test_squared_sum_matches_float64_over_chunks_and_dtypes():
     from onnxws.metrics import _SUM_CHUNK, output_divergence, squared_sum
 
