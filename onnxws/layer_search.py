@@ -9,7 +9,8 @@ its output error when refined, else its clustering error; calibrated on the laye
 measured point), never scored. Layers advance in
 rounds, one tuple each, scored in chunks of ``ROUND_CHUNK`` with the budgets checked between
 chunks; after the first round (every layer's probe) the stage stops at ``budget_share`` of
-a time or scoring budget, so the network stage can still combine what was measured.
+a time or scoring budget, so the network stage can still combine what was measured. When the
+search subset has grown, each walk starts at the edge its layer had on the smaller subset.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class LayerSearchSettings:
 class _Walk:
     layer: Layer
     order: list[int]  # option indices sorted by bits ascending
-    probe: int
+    probe: int  # where the walk starts: the probe width, or the edge found on an earlier subset
     down: int | None  # next index to score going down, None when done
     up: int | None
 
@@ -152,22 +153,35 @@ def _better_granularity(layer: Layer, variants: Mapping[str, list[Option]],
     return best
 
 
-def layer_sensitivity(ctx: SearchContext, settings: LayerSearchSettings = LayerSearchSettings()) -> dict:
+def layer_sensitivity(ctx: SearchContext, settings: LayerSearchSettings = LayerSearchSettings(),
+                      earlier: Mapping[str, Mapping[int, float]] | None = None) -> dict:
     """Measure each layer alone and set ``layer.loss_alone``, ``loss_source`` and ``candidates``.
+
+    ``earlier``: each layer's measured losses alone on a previous (smaller) search subset. A
+    layer with such measurements starts its walk at its earlier edge (the narrowest width
+    that was within the cap, else the width above the widest measured) instead of at the
+    probe width: the losses move when the subset grows, but rarely by several widths, so
+    the walk re-measures the edge and its neighbours instead of every width from the probe.
 
     Returns:
         Proxy statistics for the report: ``{"spearman": mean per-layer rank correlation of
-        damage proxy vs measured loss, "layers_with_proxy": n, "estimated_points": m}``.
+        damage proxy vs measured loss, "estimated_points": m, "rounds": r,
+        "started_at_earlier_edge": layers whose walk started from ``earlier``}``.
     """
     budget = ctx.budget
-    walks: list[_Walk] = []
-    for layer in ctx.layers:
-        order = sorted(range(len(layer.options)), key=lambda i: layer.options[i].bits)
-        probe_k = _probe_option(layer.options, settings.probe_bits).k
-        probe_pos = next(pos for pos, i in enumerate(order) if layer.options[i].k == probe_k)
-        walks.append(_Walk(layer, order, probe_pos, probe_pos, None))
     cap = settings.cap * budget
     negligible = settings.negligible * budget
+    walks: list[_Walk] = []
+    from_earlier = 0
+    for layer in ctx.layers:
+        order = sorted(range(len(layer.options)), key=lambda i: layer.options[i].bits)
+        start_k = _earlier_edge(layer, order, (earlier or {}).get(layer.name), cap)
+        if start_k is None:
+            start_k = _probe_option(layer.options, settings.probe_bits).k
+        else:
+            from_earlier += 1
+        start = next(pos for pos, i in enumerate(order) if layer.options[i].k == start_k)
+        walks.append(_Walk(layer, order, start, start, None))
     active = list(walks)
     round_index = 0
     try:
@@ -194,7 +208,19 @@ def layer_sensitivity(ctx: SearchContext, settings: LayerSearchSettings = LayerS
         estimated += _estimate_unscored(walk)
         walk.layer.candidates = pareto_candidates(walk.layer, cap)
     return {"spearman": proxy_rank_correlation(ctx.layers), "estimated_points": estimated,
-            "rounds": round_index}
+            "rounds": round_index, "started_at_earlier_edge": from_earlier}
+
+
+def _earlier_edge(layer: Layer, order: list[int], losses: Mapping[int, float] | None, cap: float) -> int | None:
+    """The k a walk starts from given the layer's losses alone on an earlier subset, or None."""
+    known = [layer.options[i] for i in order if losses and layer.options[i].k in losses]
+    if not known:
+        return None
+    within = [opt for opt in known if losses[opt.k] <= cap]
+    if within:
+        return within[0].k  # ``order`` is ascending in bits: the narrowest width within the cap
+    wider = [layer.options[i] for i in order if layer.options[i].bits > known[-1].bits]
+    return (wider[0] if wider else known[-1]).k
 
 
 def _advance(walk: _Walk, pos: int, tup: dict[str, int], loss: float, divergence: float | None,

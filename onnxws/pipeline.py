@@ -299,8 +299,13 @@ def compress(
             notify("layer", 0, 0, f"search subset {before} -> {grown} samples: the full set disagreed")
             t0 = time.perf_counter()
             scorer.grow_search(grown)
+            measured_before = {layer.name: {k: loss for k, loss in layer.loss_alone.items()
+                                            if layer.loss_source.get(k) == "measured"} for layer in ctx.layers}
             ctx.new_search_subset(scorer.baseline_search, f"search_{before}")
-            proxy_stats = layer_sensitivity(ctx)
+            layer_before = ctx.scorings_by_stage.get("layer", 0)
+            proxy_stats = layer_sensitivity(ctx, earlier=measured_before)
+            growth[-1]["layer_scorings"] = ctx.scorings_by_stage.get("layer", 0) - layer_before
+            growth[-1]["layer_walks_from_earlier_edge"] = proxy_stats["started_at_earlier_edge"]
             timings["layer"] += time.perf_counter() - t0
             again = search_round()
             earlier, latest = verification.chosen, again

@@ -304,7 +304,9 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
         f"<p>Search subset grown from {g['from_samples']} to {g['to_samples']} samples: {g['misses']} tuple(s) within budget on it "
         f"missed on the full set, and the verified answer ({_num(g.get('verified_ratio'), '.2f')}x) was below {100 * g.get('threshold', 0.9):.0f}% of what it had promised "
         f"({g['promised_ratio']:.2f}x); the layer stage, the network stage and the verification ran again on the larger subset "
-        f"(losses on the smaller one are listed under subset <code>search_{g['from_samples']}</code>).</p>"
+        f"(losses on the smaller one are listed under subset <code>search_{g['from_samples']}</code>)"
+        + (f"; the layer stage started {g['layer_walks_from_earlier_edge']} layer walk(s) at the edge found on the smaller subset "
+           f"and scored {g['layer_scorings']} tuple(s)" if "layer_scorings" in g else "") + ".</p>"
         for g in e.get("search_subset_growth", []))
     skipped_rows = [[esc(s["name"]), esc(s["reason"])] for s in report.get("skipped", [])]
     notes = "".join(f"<li>{esc(n)}</li>" for n in report.get("encoding", {}).get("notes", [])) or "<li>none</li>"

@@ -110,6 +110,33 @@ def test_layer_stage_walks_and_keeps_pareto_candidates():
     assert 8 not in sensitive.candidates
 
 
+def test_layer_stage_on_a_grown_subset_starts_at_the_earlier_edge():
+    """After the search subset grows, each walk starts where the layer's edge was on the smaller
+    subset: the same candidates and losses as a walk from the probe, with fewer scorings."""
+    layers, truth = make_layers([4000, 2000, 1000, 500], [0.05, 0.5, 2.0, 30.0])
+    on_subset = {name: {k: loss / 3 for k, loss in by_k.items()} for name, by_k in truth.items()}  # an easy subset
+    ctx = context(layers, on_subset)
+    layer_sensitivity(ctx)
+    earlier = {layer.name: {k: loss for k, loss in layer.loss_alone.items() if layer.loss_source[k] == "measured"}
+               for layer in layers}
+
+    fresh_layers, _ = make_layers([4000, 2000, 1000, 500], [0.05, 0.5, 2.0, 30.0])
+    fresh = context(fresh_layers, truth)
+    layer_sensitivity(fresh)
+    on_subset.update(truth)  # the subset grew: the evaluator now sees the true losses
+    ctx.new_search_subset(0.99, "search_small")
+    before = ctx.scorings
+    stats = layer_sensitivity(ctx, earlier=earlier)
+    assert stats["started_at_earlier_edge"] == len(layers)
+    assert ctx.scorings - before < fresh.scorings
+    for layer, reference in zip(layers, fresh_layers):
+        assert layer.candidates == reference.candidates
+        for k in layer.candidates:
+            assert layer.loss_alone[k] == pytest.approx(reference.loss_alone[k])
+    # a layer never measured before starts at the probe width
+    assert layer_sensitivity(context(*make_layers([100], [1.0])), earlier={})["started_at_earlier_edge"] == 0
+
+
 def test_pareto_candidates_drop_dominated_widths():
     layer = Layer("w", 100, 3200, [Option(2**b, b, 100 * b + 32 * 2**b, 1.0) for b in range(4)])
     layer.loss_alone = {1: 5.0, 2: 0.4, 4: 0.5, 8: 0.1}  # k=4 is dominated by k=2 (noise)
