@@ -72,6 +72,10 @@ class Layer:
     loss_source: dict[int, str] = field(default_factory=dict)  # k -> "measured" | "proxy"
     candidates: list[int] = field(default_factory=list)  # Pareto-efficient k kept for the network stage
 
+    def measured_losses(self) -> dict[int, float]:
+        """k -> loss alone for the widths scored (not those estimated by the proxy)."""
+        return {k: loss for k, loss in self.loss_alone.items() if self.loss_source.get(k) == "measured"}
+
     def forget_measurements(self) -> None:
         """Drop what the layer stage learned (measured on a search subset that is gone)."""
         self.loss_alone.clear()

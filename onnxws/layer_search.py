@@ -297,8 +297,7 @@ def proxy_rank_correlation(layers: list[Layer]) -> float | None:
     """Mean over layers (>= 3 measured widths) of Spearman's rho between damage proxy and loss."""
     rhos = []
     for layer in layers:
-        pts = [(layer.option(k).damage, loss) for k, loss in layer.loss_alone.items()
-               if layer.loss_source.get(k) == "measured"]
+        pts = [(layer.option(k).damage, loss) for k, loss in layer.measured_losses().items()]
         if len(pts) < 3:
             continue
         x = _ranks(np.array([p[0] for p in pts]))

@@ -299,8 +299,7 @@ def compress(
             notify("layer", 0, 0, f"search subset {before} -> {grown} samples: the full set disagreed")
             t0 = time.perf_counter()
             scorer.grow_search(grown)
-            measured_before = {layer.name: {k: loss for k, loss in layer.loss_alone.items()
-                                            if layer.loss_source.get(k) == "measured"} for layer in ctx.layers}
+            measured_before = {layer.name: layer.measured_losses() for layer in ctx.layers}
             ctx.new_search_subset(scorer.baseline_search, f"search_{before}")
             layer_before = ctx.scorings_by_stage.get("layer", 0)
             proxy_stats = layer_sensitivity(ctx, earlier=measured_before)

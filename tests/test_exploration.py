@@ -117,8 +117,7 @@ def test_layer_stage_on_a_grown_subset_starts_at_the_earlier_edge():
     on_subset = {name: {k: loss / 3 for k, loss in by_k.items()} for name, by_k in truth.items()}  # an easy subset
     ctx = context(layers, on_subset)
     layer_sensitivity(ctx)
-    earlier = {layer.name: {k: loss for k, loss in layer.loss_alone.items() if layer.loss_source[k] == "measured"}
-               for layer in layers}
+    earlier = {layer.name: layer.measured_losses() for layer in layers}
 
     fresh_layers, _ = make_layers([4000, 2000, 1000, 500], [0.05, 0.5, 2.0, 30.0])
     fresh = context(fresh_layers, truth)
