@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxws.proto import subgraphs
+
 logger = logging.getLogger(__name__)
 
 # op_type -> {input index: output-channel axis of the weight in that slot}
@@ -139,23 +141,15 @@ def _uses(model: onnx.ModelProto) -> dict[str, list[_Use]]:
     return uses
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _subgraph_uses(model: onnx.ModelProto) -> set[str]:
     """Names read inside subgraphs (If/Loop/Scan bodies): a weight used there is outer-scope."""
     names: set[str] = set()
-    pending = [sub for node in model.graph.node for sub in _subgraphs(node)]
+    pending = [sub for node in model.graph.node for sub in subgraphs(node)]
     while pending:
         graph = pending.pop()
         for node in graph.node:
             names.update(node.input)
-            pending.extend(_subgraphs(node))
+            pending.extend(subgraphs(node))
     return names
 
 

@@ -37,34 +37,33 @@ doc_string, domain and model_version, node doc strings and metadata_props, graph
 metadata_props, sparse initializers, unused value_info and initializers listed as graph inputs,
 and copies every outer-scope initializer read by an If/Loop body into that body (duplicating
 weights). Every decode node reads only initializers, so prepending the new nodes keeps the node
-list topologically sorted; everything else in the model is left as it was. Raising the opset
-runs ``onnx.version_converter`` on a copy whose large initializers are external-data placeholders
-(no 2 GB limit, no weight copies; ORT gets them through ``add_external_initializers``), keeps only
-the converted nodes and new constants, and puts back what the converter drops (functions, node
-metadata, initializer doc strings, unused value_info, graph metadata).
+list topologically sorted; everything else in the model is left as it was. Raising the opset is
+``onnxws.opset``; the rebuilt weights and the re-measured metric of the written file are checked
+by ``onnxws.emit_check``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxws.errors import InputError, UsageError
-from onnxws.loading import (
-    _PLACEHOLDER,
-    _copy_tensor_header,
-    _set_external,
-    check_light_by_path,
+from onnxws.opset import OpsetRaiser
+from onnxws.proto import (
+    copy_tensor_header,
+    default_opset,
     fits_in_one_message,
     graph_shell,
+    graphs,
+    min_ir_version,
+    payload_bytes,
     with_payloads,
 )
 from onnxws.sharing import SharedWeight
@@ -79,9 +78,6 @@ EXPAND_OPSET = 8
 MIN_OPSET = 6  # Cast with an integer ``to`` attribute
 _NATIVE = {8: ("UINT8", 1), 4: ("UINT4", UINT4_OPSET), 2: ("UINT2", UINT2_OPSET)}
 _ML_DTYPES = {"UINT4": ml_dtypes.uint4, "UINT2": ml_dtypes.uint2}
-_LIGHT_MIN_BYTES = 1024  # larger initializers are swapped out while converting; shapes, axes, pads stay inline for the adapters
-_VERIFY_RTOL, _VERIFY_ATOL = 1e-5, 1e-6
-_DECODE_BATCH_BYTES = 1 << 30  # decoded_weights: initializer bytes per ORT sub-model
 
 
 @dataclass
@@ -128,14 +124,6 @@ class EncodeResult:
 # --------------------------------------------------------------------------------------------
 # Layout planning
 # --------------------------------------------------------------------------------------------
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    """The model's default-domain (``ai.onnx``) opset version, 0 if it imports none."""
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            return int(op.version)
-    return 0
 
 
 def plan_layout(bits: int, opset: int, pack: bool = True) -> str:
@@ -217,328 +205,6 @@ def unpack_indices(planes: np.ndarray, bits: int, n: int) -> np.ndarray:
     return (word >> shift[:, None] & ((1 << bits) - 1)).reshape(-1)[:n]
 
 
-# --------------------------------------------------------------------------------------------
-# Sizes
-# --------------------------------------------------------------------------------------------
-
-_SUB_BYTE_BITS = {TensorProto.UINT4: 4, TensorProto.INT4: 4}
-for _name, _bits in (("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2)):
-    if hasattr(TensorProto, _name):
-        _SUB_BYTE_BITS[getattr(TensorProto, _name)] = _bits
-
-
-def _element_bits(data_type: int) -> int:
-    if data_type in _SUB_BYTE_BITS:
-        return _SUB_BYTE_BITS[data_type]
-    return 8 * np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
-
-
-def tensor_bytes(tensor: TensorProto) -> int:
-    """Payload bytes of one tensor: raw size, sub-byte types at their packed size, external at their length."""
-    if tensor.data_location == TensorProto.EXTERNAL:
-        for entry in tensor.external_data:
-            if entry.key == "length":
-                return int(entry.value)
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
-    if tensor.data_type == TensorProto.STRING:
-        return sum(len(s) for s in tensor.string_data)
-    n = math.prod(tensor.dims)
-    return -(-n * _element_bits(tensor.data_type) // 8)
-
-
-def _attribute_bytes(attr: AttributeProto) -> int:
-    if attr.type == AttributeProto.TENSOR:
-        return tensor_bytes(attr.t)
-    if attr.type == AttributeProto.SPARSE_TENSOR:
-        return tensor_bytes(attr.sparse_tensor.values) + tensor_bytes(attr.sparse_tensor.indices)
-    if attr.type == AttributeProto.FLOAT:
-        return 4
-    if attr.type == AttributeProto.FLOATS:
-        return 4 * len(attr.floats)
-    if attr.type == AttributeProto.INT:
-        return 8
-    if attr.type == AttributeProto.INTS:
-        return 8 * len(attr.ints)
-    if attr.type == AttributeProto.STRING:
-        return len(attr.s)
-    if attr.type == AttributeProto.STRINGS:
-        return sum(len(s) for s in attr.strings)
-    return 0
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every subgraph nested in its nodes' attributes."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graphs(sub)
-
-
-def model_weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all initializer, sparse-initializer and ``Constant`` tensor payloads of the model.
-
-    Counts the main graph, nested subgraphs (If/Loop/Scan bodies) and function bodies; raw data
-    size, sub-byte types (UINT4, UINT2, ...) at their packed size, external tensors at their length.
-    """
-    total = 0
-    node_lists = [g.node for g in _graphs(model.graph)]
-    for g in _graphs(model.graph):
-        total += sum(tensor_bytes(t) for t in g.initializer)
-        total += sum(tensor_bytes(s.values) + tensor_bytes(s.indices) for s in g.sparse_initializer)
-    for function in model.functions:
-        node_lists.append(function.node)
-    for nodes in node_lists:
-        for node in nodes:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                total += sum(_attribute_bytes(a) for a in node.attribute)
-    return total
-
-
-# --------------------------------------------------------------------------------------------
-# Opset raising (version converter + ORT check)
-# --------------------------------------------------------------------------------------------
-
-
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _copy_except(source, target, skip: str) -> None:
-    """Copy every set field of protobuf message ``source`` into ``target`` except field ``skip``."""
-    for descriptor, value in source.ListFields():
-        if descriptor.name == skip:
-            continue
-        if hasattr(value, "CopyFrom"):
-            getattr(target, descriptor.name).CopyFrom(value)
-        elif hasattr(value, "extend"):  # repeated field
-            getattr(target, descriptor.name).extend(value)
-        else:
-            setattr(target, descriptor.name, value)
-
-
-def _light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, TensorProto]]:
-    """A copy whose large main-graph initializers point to placeholder external data.
-
-    The version converter and ORT then never copy (or choke on > 2 GB of) weight payloads;
-    ORT gets the real values through ``add_external_initializers``.
-
-    Returns:
-        (light model, {name: original TensorProto} of the swapped-out initializers).
-    """
-    light = onnx.ModelProto()
-    _copy_except(model, light, "graph")
-    _copy_except(model.graph, light.graph, "initializer")
-    swapped: dict[str, TensorProto] = {}
-    for original in model.graph.initializer:
-        nbytes = tensor_bytes(original)
-        if (original.data_location == TensorProto.EXTERNAL or original.data_type == TensorProto.STRING
-                or nbytes < _LIGHT_MIN_BYTES):
-            light.graph.initializer.append(original)
-            continue
-        swapped[original.name] = original
-        tensor = light.graph.initializer.add()
-        tensor.name, tensor.data_type, tensor.doc_string = original.name, original.data_type, original.doc_string
-        tensor.dims.extend(original.dims)
-        tensor.metadata_props.extend(original.metadata_props)
-        _set_external(tensor, _PLACEHOLDER, 0, nbytes)
-    return light, swapped
-
-
-def _random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """One random batch for the graph inputs (dynamic dims -> 2); raises ValueError if not tensors."""
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feeds: dict[str, np.ndarray] = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        if not vi.type.HasField("tensor_type"):
-            raise ValueError(f"input {vi.name!r} is not a tensor")
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in tt.shape.dim]
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        if dtype.kind == "f" or dtype.kind == "V":
-            feeds[vi.name] = rng.normal(size=shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[vi.name] = rng.integers(0, 2, size=shape).astype(bool)
-        elif dtype.kind in "iu":
-            feeds[vi.name] = rng.integers(0, 8, size=shape).astype(dtype)
-        else:
-            raise ValueError(f"input {vi.name!r} has type {dtype}, which onnxws cannot make random values for")
-    return feeds
-
-
-def _run_light(light: onnx.ModelProto, swapped: dict[str, TensorProto], arrays: dict[str, np.ndarray],
-               feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    names = [n for n in swapped if n in arrays]
-    values = [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names]
-    if names:
-        options.add_external_initializers(names, values)
-    session = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
-
-
-def _compare(before: list[np.ndarray], after: list[np.ndarray]) -> tuple[bool, str]:
-    """(same within rtol/atol, detail): detail is "" for bitwise-equal outputs, else the difference."""
-    worst = 0.0
-    for a, b in zip(before, after, strict=True):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return False, f"output shape/type changed ({a.dtype}{list(a.shape)} -> {b.dtype}{list(b.shape)})"
-        if a.dtype.kind not in "fc" or a.size == 0:
-            if not np.array_equal(a, b):
-                return False, "integer/boolean outputs differ"
-            continue
-        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-        finite = np.isfinite(diff)
-        if not np.array_equal(np.isnan(a), np.isnan(b)) or not np.allclose(a, b, rtol=_VERIFY_RTOL, atol=_VERIFY_ATOL, equal_nan=True):
-            return False, f"outputs differ by up to {float(np.max(diff, where=finite, initial=0.0)):.3g}"
-        worst = max(worst, float(np.max(diff, where=finite, initial=0.0)))
-    return True, "" if worst == 0 else f"max |diff| {worst:.3g}"
-
-
-def _node_key(node: onnx.NodeProto) -> tuple:
-    return node.op_type, node.domain, tuple(node.output)
-
-
-def _restore_node_fields(original: onnx.GraphProto, converted: onnx.GraphProto) -> None:
-    """Put back node doc strings / metadata and subgraph fields the converter drops (matched by outputs)."""
-    by_key = {_node_key(n): n for n in original.node}
-    for node in converted.node:
-        source = by_key.get(_node_key(node))
-        if source is None:
-            continue
-        if source.doc_string and not node.doc_string:
-            node.doc_string = source.doc_string
-        if len(source.metadata_props) and not len(node.metadata_props):
-            node.metadata_props.extend(source.metadata_props)
-        source_attrs = {a.name: a for a in source.attribute}
-        for attr in node.attribute:
-            src = source_attrs.get(attr.name)
-            if src is None or src.type != attr.type:
-                continue
-            if attr.type == AttributeProto.GRAPH:
-                _restore_graph_fields(src.g, attr.g)
-            elif attr.type == AttributeProto.GRAPHS and len(src.graphs) == len(attr.graphs):
-                for s, c in zip(src.graphs, attr.graphs):
-                    _restore_graph_fields(s, c)
-
-
-def _restore_graph_fields(original: onnx.GraphProto, converted: onnx.GraphProto) -> None:
-    """Graph-level fields of a subgraph (value_info, metadata, doc) plus its nodes'."""
-    del converted.value_info[:]
-    converted.value_info.extend(original.value_info)
-    del converted.metadata_props[:]
-    converted.metadata_props.extend(original.metadata_props)
-    converted.doc_string = original.doc_string
-    if len(original.sparse_initializer) and not len(converted.sparse_initializer):
-        converted.sparse_initializer.extend(original.sparse_initializer)
-    _restore_node_fields(original, converted)
-
-
-def _merge_conversion(light: onnx.ModelProto, converted: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """``light`` with the converter's nodes and opset; everything the converter drops is kept from ``light``."""
-    merged = onnx.ModelProto()
-    merged.CopyFrom(light)
-    graph = merged.graph
-    del graph.node[:]
-    graph.node.extend(converted.graph.node)
-    _restore_node_fields(light.graph, graph)
-    # Initializers: keep the originals (doc strings, metadata, placeholders); take what the converter
-    # added or changed.
-    position = {t.name: i for i, t in enumerate(graph.initializer)}
-    for tensor in converted.graph.initializer:
-        i = position.get(tensor.name)
-        if i is None:
-            graph.initializer.append(tensor)
-        else:
-            kept = graph.initializer[i]
-            same = (kept.data_type == tensor.data_type and list(kept.dims) == list(tensor.dims)
-                    and kept.data_location == tensor.data_location
-                    and numpy_helper.to_array(kept).tobytes() == numpy_helper.to_array(tensor).tobytes()
-                    if kept.data_location != TensorProto.EXTERNAL
-                    else list(kept.external_data) == list(tensor.external_data))
-            if not same:
-                graph.initializer[i].CopyFrom(tensor)
-    for op in merged.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            op.version = target
-    merged.ir_version = max(merged.ir_version, _min_ir_version(target))
-    return merged
-
-
-def _bump_functions(model: onnx.ModelProto, target: int) -> str | None:
-    """Move model-local functions to the ``target`` ai.onnx opset (in place) when none of their ops
-    changed between their opset and ``target``; else return why they cannot follow (the converter
-    does not convert function bodies)."""
-    for function in model.functions:
-        for op in function.opset_import:
-            if op.domain not in ("", "ai.onnx") or op.version == target:
-                continue
-            changed = []
-            for node in _function_nodes(function.node):
-                if node.domain not in ("", "ai.onnx"):
-                    continue
-                try:
-                    old = onnx.defs.get_schema(node.op_type, op.version, "").since_version
-                    new = onnx.defs.get_schema(node.op_type, target, "").since_version
-                except Exception:  # noqa: BLE001 - unknown op
-                    old, new = -1, -2
-                if old != new:
-                    changed.append(node.op_type)
-            if changed:
-                return (f"function {function.domain}:{function.name} uses ops that changed between opset {op.version} "
-                        f"and {target} ({', '.join(sorted(set(changed)))}); the converter does not convert functions")
-            op.version = target
-    return None
-
-
-def _function_nodes(nodes) -> Iterator[onnx.NodeProto]:
-    for node in nodes:
-        yield node
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield from _function_nodes(attr.g.node)
-            elif attr.type == AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _function_nodes(sub.node)
-
-
-def _min_ir_version(opset: int) -> int:
-    try:
-        return int(helper.find_min_ir_version_for([helper.make_opsetid("", opset)], ignore_unknown=True))
-    except Exception:  # noqa: BLE001 - an opset newer than onnx's table: keep the model's IR version
-        return 0
-
-
-def _restore_payloads(light: onnx.ModelProto, swapped: dict[str, TensorProto],
-                      keep_light: frozenset[str] = frozenset(),
-                      values: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    """Swap the real tensors back in for the placeholders (in place), except those named in
-    ``keep_light`` (weights about to be replaced: copying their payloads would only fill memory);
-    returns ``light``."""
-    for tensor in light.graph.initializer:
-        if tensor.name in keep_light:
-            continue
-        original = swapped.get(tensor.name)
-        if original is not None and tensor.data_location == TensorProto.EXTERNAL and any(
-            e.key == "location" and e.value == _PLACEHOLDER for e in tensor.external_data
-        ):
-            tensor.CopyFrom(original)
-            with_payloads(tensor, values or {})  # the original itself may be a header (loading.without_payloads)
-    return light
-
-
 def _copy_without(model: onnx.ModelProto, names: frozenset[str], values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` in which the main-graph initializers named in ``names`` keep only their
     header (name, type, shape, metadata): they are about to be replaced, and a full copy whose
@@ -546,75 +212,11 @@ def _copy_without(model: onnx.ModelProto, names: frozenset[str], values: Mapping
     work = graph_shell(model)
     for tensor in model.graph.initializer:
         if tensor.name in names:
-            _copy_tensor_header(tensor, work.graph.initializer.add())
+            copy_tensor_header(tensor, work.graph.initializer.add())
         else:
             work.graph.initializer.append(tensor)
             with_payloads(work.graph.initializer[-1], values)
     return work
-
-
-class _OpsetRaiser:
-    """Raises a model's default-domain opset with the version converter, checked in ORT.
-
-    The original model's outputs on one random batch are computed once and reused for every
-    target tried.
-    """
-
-    def __init__(self, model: onnx.ModelProto, values: Mapping[str, np.ndarray] | None = None,
-                 keep_light: frozenset[str] = frozenset()) -> None:
-        self.model = model
-        self.values = values or {}
-        self.keep_light = keep_light
-        self.light, self.swapped = _light_copy(model)
-        self._arrays: dict[str, np.ndarray] | None = None
-        self._feeds: dict[str, np.ndarray] | None = None
-        self._reference: list[np.ndarray] | None = None
-
-    def _prepare_reference(self) -> None:
-        if self._reference is None:
-            self._feeds = _random_feeds(self.model)
-            self._arrays = {n: self._value(n, t) for n, t in self.swapped.items()}
-            self._reference = _run_light(self.light, self.swapped, self._arrays, self._feeds)
-
-    def _value(self, name: str, tensor: TensorProto) -> np.ndarray:
-        """The tensor's values: the caller's array when it matches the tensor, else decoded (a copy)."""
-        given = self.values.get(name)
-        if (given is not None and given.shape == tuple(tensor.dims) and given.flags.c_contiguous
-                and given.dtype == helper.tensor_dtype_to_np_dtype(tensor.data_type)):
-            return given
-        return np.ascontiguousarray(numpy_helper.to_array(tensor))
-
-    def convert(self, target: int) -> tuple[onnx.ModelProto | None, str]:
-        """(converted model, how it was verified) or (None, why it is not safe)."""
-        from onnx import version_converter
-
-        try:
-            converted = version_converter.convert_version(self.light, target)
-        except Exception as exc:  # noqa: BLE001 - the converter raises assorted C++ errors
-            return None, f"onnx.version_converter failed: {_one_line(exc)}"
-        merged = _merge_conversion(self.light, converted, target)
-        why = _bump_functions(merged, target)
-        if why is not None:
-            return None, why
-        try:
-            check_light_by_path(merged, full_check=True)
-        except Exception as exc:  # noqa: BLE001
-            return None, f"the converted model fails onnx.checker: {_one_line(exc)}"
-        try:
-            self._prepare_reference()
-        except Exception as exc:  # noqa: BLE001
-            return None, f"the original model could not be run in ORT on random inputs to verify it: {_one_line(exc)}"
-        try:
-            after = _run_light(merged, self.swapped, self._arrays or {}, self._feeds or {})
-        except Exception as exc:  # noqa: BLE001
-            return None, f"ORT could not run the converted model: {_one_line(exc)}"
-        same, detail = _compare(self._reference or [], after)
-        if not same:
-            return None, f"the converted model's {detail} on random inputs"
-        how = "outputs verified equal in ORT on random inputs"
-        if detail:
-            how += f" (within rtol {_VERIFY_RTOL:g}, atol {_VERIFY_ATOL:g}: {detail})"
-        return _restore_payloads(merged, self.swapped, self.keep_light, self.values), how
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,7 +226,7 @@ class _OpsetRaiser:
 
 def _all_names(model: onnx.ModelProto) -> set[str]:
     names: set[str] = set()
-    for g in _graphs(model.graph):
+    for g in graphs(model.graph):
         names.update(t.name for t in g.initializer)
         names.update(s.values.name for s in g.sparse_initializer)
         names.update(v.name for v in (*g.input, *g.output, *g.value_info))
@@ -653,7 +255,7 @@ class _Writer:
         tensor.name = name
         self.taken.add(name)
         self.initializers.append(tensor)
-        return name, tensor_bytes(tensor)
+        return name, payload_bytes(tensor)
 
     def helper_const(self, key: str, array: np.ndarray) -> str:
         """A small constant shared by every weight that needs the same value (a free name is picked)."""
@@ -856,7 +458,7 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
         values: arrays of main-graph initializers already in memory (e.g. the scorer's originals),
             used instead of decoding a second copy of their payloads to check an opset raise;
             read only, and only where dtype and shape match. Initializers of ``model`` left
-            without payload by ``loading.without_payloads`` get theirs back from it.
+            without payload by ``proto.without_payloads`` get theirs back from it.
 
     The new model never holds the payloads of the shared initializers (only their headers until
     they are replaced), so encoding costs about one copy of the *unshared* tensors, not of the model.
@@ -898,7 +500,7 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
         target = opset if opset is not None else max([PACK_OPSET, *wants.values()])
         notes.append(f"the model imported no ai.onnx opset; opset {target} added for the decode nodes")
     elif targets:
-        raiser = _OpsetRaiser(model, values, frozenset(names))
+        raiser = OpsetRaiser(model, values, frozenset(names))
         for candidate in targets:
             converted, how = raiser.convert(candidate)
             if converted is not None:
@@ -953,7 +555,7 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
     if dropped_inputs:
         notes.append(f"{len(dropped_inputs)} shared weight(s) were also graph inputs (IR < 4 style) and are no longer "
                      f"overridable inputs: {', '.join(dropped_inputs[:5])}{' ...' if len(dropped_inputs) > 5 else ''}")
-    work.ir_version = max(work.ir_version, 4, _min_ir_version(target))
+    work.ir_version = max(work.ir_version, 4, min_ir_version(target))
     for width in sorted({t.bits for t in encoded}):
         layouts = {t.index_dtype for t in encoded if t.bits == width}
         for layout in layouts:
@@ -975,74 +577,3 @@ def encode_model(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, opse
 def _describe(widths: Sequence[int], opset: int, pack: bool) -> str:
     """'4-bit indices as UINT4, 3-bit indices as packed:3' for the layouts of ``widths`` at ``opset``."""
     return ", ".join(f"{b}-bit indices as {plan_layout(b, opset, pack)}" for b in widths) or "no index width"
-
-
-def decoded_weights(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """The weights an encoded model rebuilds, computed by ONNX Runtime from its decode subgraphs.
-
-    Builds small models holding only the nodes and initializers the named tensors depend on (with
-    those tensors as outputs), and runs them in ORT CPU with graph optimizations off. A name that is
-    still a plain initializer is returned as stored.
-
-    Args:
-        model: an encoded model (tensors loaded).
-        names: tensor names to rebuild.
-
-    Returns:
-        {name: array} in the weight's dtype and shape.
-
-    Raises:
-        InputError: a name that is not produced by a constant subgraph of the main graph.
-    """
-    import onnxruntime as ort
-
-    graph = model.graph
-    producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
-    inits = {t.name: t for t in graph.initializer}
-    result: dict[str, np.ndarray] = {}
-    pending: list[tuple[str, set[int], set[str]]] = []
-    for name in dict.fromkeys(names):
-        if name in inits:
-            result[name] = numpy_helper.to_array(inits[name])
-            continue
-        nodes, needed, stack, seen = set(), set(), [name], set()
-        while stack:
-            current = stack.pop()
-            if current in seen or not current:
-                continue
-            seen.add(current)
-            if current in inits:
-                needed.add(current)
-            elif current in producers:
-                nodes.add(producers[current])
-                stack.extend(graph.node[producers[current]].input)
-            else:
-                raise InputError(f"{name!r} depends on {current!r}, which is not a constant of the main graph: "
-                                 "it is not a decoded weight")
-        pending.append((name, nodes, needed))
-    # Group the names into sub-models of bounded size (protobuf caps a model at 2 GB).
-    batches: list[list[tuple[str, set[int], set[str]]]] = []
-    size = 0
-    for item in pending:
-        item_bytes = sum(tensor_bytes(inits[n]) for n in item[2])
-        if not batches or size + item_bytes > _DECODE_BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(item)
-        size += item_bytes
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    for batch in batches:
-        node_ids = sorted(set().union(*(b[1] for b in batch)))
-        init_names = sorted(set().union(*(b[2] for b in batch)))
-        outputs = [helper.make_empty_tensor_value_info(b[0]) for b in batch]
-        sub_graph = helper.make_graph([graph.node[i] for i in node_ids], "onnxws_decode", [], outputs,
-                                      [inits[n] for n in init_names])
-        sub = helper.make_model(sub_graph, opset_imports=list(model.opset_import))
-        sub.ir_version = model.ir_version
-        sub.functions.extend(model.functions)
-        session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        wanted = [b[0] for b in batch]
-        result.update(zip(wanted, session.run(wanted, {})))
-    return {name: result[name] for name in names}

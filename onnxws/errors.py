@@ -41,3 +41,10 @@ class VerificationError(OnnxwsError):
     """The emitted model does not reproduce what was scored: a bug, reported loudly (exit 1)."""
 
     exit_code = 1
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc``'s message on one line (whitespace runs collapsed), at most ``limit`` characters;
+    the exception's type name when it has no message."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -9,6 +9,7 @@ import onnx
 
 from onnxws.discovery import find_weights
 from onnxws.loading import load_model
+from onnxws.proto import payload_bytes
 from onnxws.sharing import index_bits
 
 
@@ -52,18 +53,10 @@ def shared_tensors(model: onnx.ModelProto) -> dict[str, dict]:
                 index_dtype = f"packed:{int(index.dims[1])}" if index is not None and len(index.dims) == 2 else "UINT8"
                 shape = [int(v) for v in numpy_helper.to_array(shape_init)]
         params = int(np.prod(shape)) if shape else 1
-        stored = sum(_payload_bytes(t) for t in own.values())
+        stored = sum(payload_bytes(t) for t in own.values())
         found[name] = {"shape": shape, "params": params, "k": k, "bits": index_bits(k), "n_codebooks": groups,
                        "index_dtype": index_dtype, "stored_bytes": stored}
     return found
-
-
-def _payload_bytes(tensor: onnx.TensorProto) -> int:
-    if tensor.raw_data:
-        return len(tensor.raw_data)
-    from onnx import numpy_helper
-
-    return int(numpy_helper.to_array(tensor).nbytes)
 
 
 def inspect_model(path: str | Path) -> tuple[list[dict], dict]:

@@ -20,7 +20,6 @@ checks them on the full set and steps back along that list until one holds.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass, field
 

@@ -26,11 +26,13 @@ from onnxws.clustering import share_weight_all_k
 from onnxws.config import CompressConfig
 from onnxws.data import EvalData, find_sidecar_data, load_data
 from onnxws.discovery import Discovery, constant_tensors, find_weights
-from onnxws.encoding import EncodeResult, decoded_weights, encode_model, model_weight_bytes
+from onnxws.emit_check import check_rebuilt_weights, check_trusted
+from onnxws.encoding import EncodeResult, encode_model
 from onnxws.errors import BudgetError, InputError, NothingToShareError, VerificationError
 from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_unit, within_budget
 from onnxws.layer_search import choose_granularities, layer_sensitivity
-from onnxws.loading import check_model, load_model, message_bytes, model_sha256, without_payloads
+from onnxws.loading import check_model, load_model, model_sha256
+from onnxws.proto import default_opset, message_bytes, model_weight_bytes, without_payloads
 from onnxws.metrics import Metric, resolve_metric
 from onnxws.network_search import uniform_baseline, verify_uniform
 from onnxws.refinement import Moments, Plan, measure_moments, refine_all
@@ -49,10 +51,6 @@ from onnxws.verification import (
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int, str], None]
-# The emitted model's full-set metric must match the scorer's figure for the same tuple within this (pp).
-TRUST_TOLERANCE_PP = 0.1
-# The emitted model's rebuilt weights are checked in batches of at most this many decoded bytes.
-CHECK_BATCH_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -333,16 +331,11 @@ def compress(
         encoded = encode_model(proto, shared, opset=config.opset, values=scorer.originals)
         scorer.close()  # its copy of the weights and sessions: the emitted model is measured on its own
         check_model(encoded.model, "emitted model")
-        _check_rebuilt_weights(encoded, shared)
+        check_rebuilt_weights(encoded.model, shared)
         emitted_value = evaluate_model(encoded.model, eval_data, metric, device=config.device,
                                        batch_size=config.batch_size, reference=scorer)
         scorer_value = baseline["full"] - ctx.known(chosen, "full") / 100.0 * (1 if config.loss_mode == "absolute" else abs(baseline["full"]))
-        drift_pp = abs(emitted_value - scorer_value) * 100.0
-        if drift_pp > TRUST_TOLERANCE_PP:
-            raise VerificationError(
-                f"the emitted model measures {emitted_value:.4f} on the full set but the scorer measured {scorer_value:.4f} "
-                f"for the same tuple ({drift_pp:.2f} pp apart > {TRUST_TOLERANCE_PP} pp): refusing to write a model that differs from what was scored"
-            )
+        check_trusted(emitted_value, scorer_value)
         final_loss = loss_between(baseline["full"], emitted_value, config.loss_mode)
         if not within_budget(final_loss, config.loss):
             raise VerificationError(f"the emitted model loses {final_loss:.3f} {loss_unit(config.loss_mode)} > budget {config.loss:g}")
@@ -415,31 +408,6 @@ def _subset_noise(scorer: Scorer, metric: Metric, loss_mode: str) -> SubsetNoise
     else:
         return None
     return SubsetNoise(scorer.n_search, scorer.n_full, metric.per_sample is not None, unit)
-
-
-def _check_rebuilt_weights(encoded: EncodeResult, shared: list[SharedWeight]) -> None:
-    """Every shared weight rebuilt by the emitted graph (in ORT) equals the decoded weight that was
-    scored, bit for bit. Rebuilt in batches of at most CHECK_BATCH_BYTES of decoded weights, so a
-    large model is never decoded whole."""
-    batches: list[list[SharedWeight]] = []
-    size = CHECK_BATCH_BYTES
-    for sw in shared:
-        nbytes = sw.params * sw.codebooks.dtype.itemsize
-        if size + nbytes > CHECK_BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(sw)
-        size += nbytes
-    for batch in batches:
-        rebuilt = decoded_weights(encoded.model, [sw.name for sw in batch])
-        for sw in batch:
-            expected = sw.decode()
-            got = rebuilt.pop(sw.name)
-            if got.shape != expected.shape or got.dtype != expected.dtype or not np.array_equal(
-                got.view(np.uint8), expected.view(np.uint8)
-            ):
-                raise VerificationError(f"the emitted graph rebuilds {sw.name} differently from the weights that were scored")
-            del got, expected
 
 
 def _versions() -> dict[str, str]:
@@ -520,7 +488,7 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
         "onnxws_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model": {"path": str(model_path) if model_path else None, "sha256": model_hash,
-                  "opset": _opset(proto), "params_total": int(all_bits // 32),
+                  "opset": default_opset(proto), "params_total": int(all_bits // 32),
                   "params_shared": int(sum(info_by_name[n].params for n in chosen))},
         "data": {"path": data_path, "n_full": scorer.n_full, "n_search": scorer.n_search,
                  "fingerprint": eval_data.fingerprint()},
@@ -581,10 +549,3 @@ def _to_fraction(loss: float | None, baseline: float, mode: str) -> float:
     if loss is None:
         return math.nan
     return loss / 100.0 if mode == "absolute" else loss / 100.0 * abs(baseline)
-
-
-def _opset(proto: onnx.ModelProto) -> int:
-    for op in proto.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            return int(op.version)
-    return 0

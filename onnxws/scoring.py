@@ -30,7 +30,6 @@ graph optimisations on it silently keeps the original weights (NOTES.md).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -47,15 +46,13 @@ from onnx import helper, numpy_helper
 
 from onnxws.cache import ScoreCache
 from onnxws.data import EvalData, model_inputs
-from onnxws.errors import InputError, OnnxwsError, UsageError
-from onnxws.loading import DATA_FIELDS, _copy_tensor_header, fits_in_one_message, graph_shell, payload_bytes
+from onnxws.errors import InputError, OnnxwsError, UsageError, one_line
+from onnxws.proto import copy_tensor_header, fits_in_one_message, graph_shell, node_refs, payload_bytes, set_external
+from onnxws.runtime import CUDA, create_session, ortvalue, resolve_providers, shared_cpu_arena
 from onnxws.metrics import Metric, output_divergence, reference_key, squared_sum
 
 logger = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("auto", "session", "inputs")
 SUBSETS = ("search", "full")
 DEFAULT_BATCH = 1000
@@ -78,98 +75,6 @@ _PARALLEL_HASH_BYTES = 16 * 2**20
 _CREATE_FRACTION_SURE = 0.05
 # The inputs engine must beat the session engine by this factor to be picked.
 _INPUTS_MARGIN = 0.8
-
-
-# --------------------------------------------------------------------------------------------
-# Providers and session options
-
-
-@functools.cache
-def _cuda_usable() -> bool:
-    """True if the CUDA EP is installed *and* a session can actually run on a GPU."""
-    if CUDA not in ort.get_available_providers():
-        return False
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "probe",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
-    )
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=[CUDA, CPU])
-    except Exception as exc:  # noqa: BLE001 - any failure means no usable GPU
-        logger.info("CUDA EP installed but unusable: %s", exc)
-        return False
-    return CUDA in sess.get_providers()
-
-
-def resolve_providers(device: str) -> tuple[list[str], str]:
-    """Execution providers for ``device``.
-
-    Args:
-        device: ``auto`` (CUDA if usable, else CPU), ``cpu`` or ``cuda``.
-
-    Returns:
-        (providers list for ``InferenceSession``, the provider that runs the model).
-
-    Raises:
-        UsageError: unknown device.
-        InputError: ``cuda`` without a usable GPU.
-    """
-    if device not in DEVICES:
-        raise UsageError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
-    if device != "cpu" and _cuda_usable():
-        return [CUDA, CPU], CUDA
-    if device == "cuda":
-        raise InputError(
-            "--device cuda: no usable GPU (onnxruntime-gpu not installed or no CUDA device); "
-            "install onnxws[gpu] or use --device cpu"
-        )
-    return [CPU], CPU
-
-
-def _provider_spec(providers: list[str]) -> list[str | tuple[str, dict[str, str]]]:
-    # Exhaustive cuDNN algorithm search would run again in every per-candidate session.
-    return [(p, {"cudnn_conv_algo_search": "HEURISTIC"}) if p == CUDA else p for p in providers]
-
-
-_SHARED_ARENA: bool | None = None
-
-
-def _shared_cpu_arena() -> bool:
-    """Register one process-wide CPU arena (once) that sessions can opt into; False if ORT refuses."""
-    global _SHARED_ARENA
-    if _SHARED_ARENA is None:
-        try:
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-            _SHARED_ARENA = True
-        except Exception as exc:  # noqa: BLE001 - an ORT build without it just runs slower
-            message = str(exc).lower()
-            _SHARED_ARENA = "already" in message and "regist" in message
-            logger.info("shared CPU arena: %s (%s)", "already registered" if _SHARED_ARENA else "unavailable", exc)
-    return _SHARED_ARENA
-
-
-def _session_options(threads: int | None, shared_arena: bool, spinning: bool = True) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # per-candidate sessions would repeat the same warnings
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if shared_arena:
-        options.add_session_config_entry("session.use_env_allocators", "1")
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:400] + ("..." if len(text) > 400 else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,17 +109,6 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
         if attr.name == "value_ints":
             return np.array(list(attr.ints), dtype=np.int64)
     raise InputError(f"Constant node {node.name or node.output[0]!r} has no tensor value onnxws can read")
-
-
-def _mark_external(tensor: onnx.TensorProto, nbytes: int) -> None:
-    for field in DATA_FIELDS:
-        tensor.ClearField(field)
-    del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", _EXTERNAL_LOCATION), ("offset", "0"), ("length", str(nbytes))):
-        entry = tensor.external_data.add()
-        entry.key = key
-        entry.value = value
 
 
 def _prepare(model: onnx.ModelProto, weights: list[str]) -> _Prepared:
@@ -257,8 +151,8 @@ def _prepare(model: onnx.ModelProto, weights: list[str]) -> _Prepared:
         array.setflags(write=False)
         stored[tensor.name] = array
         header = proto.graph.initializer.add()
-        _copy_tensor_header(tensor, header)
-        _mark_external(header, array.nbytes)
+        copy_tensor_header(tensor, header)
+        set_external(header, _EXTERNAL_LOCATION, 0, array.nbytes)
     graph = proto.graph
     # IR < 4 lists initializers as graph inputs too; data never feeds them, so make them constants.
     kept_inputs = [vi for vi in graph.input if vi.name not in stored]
@@ -272,10 +166,6 @@ def _prepare(model: onnx.ModelProto, weights: list[str]) -> _Prepared:
         digest.update(f"\0{name}\0{array.dtype.str}\0{array.shape}\0".encode())
         digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     return _Prepared(proto, stored, list(weights), digest.hexdigest())
-
-
-def _ortvalue(array: np.ndarray, device: str = "cpu") -> ort.OrtValue:
-    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,8 +185,8 @@ class _SessionEngine:
         self._names = list(prepared.stored)
         self._weights = set(prepared.weights)
         # Values of non-weight stored tensors never change: build their OrtValues once.
-        self._fixed = {n: _ortvalue(a) for n, a in prepared.stored.items() if n not in self._weights}
-        self._providers = _provider_spec(providers)
+        self._fixed = {n: ortvalue(a) for n, a in prepared.stored.items() if n not in self._weights}
+        self._providers = list(providers)
         self._threads = threads
         self._shared_arena = shared_arena
         self.last_create_s = 0.0
@@ -304,11 +194,9 @@ class _SessionEngine:
     def session(self, weights: Mapping[str, np.ndarray]) -> tuple[ort.InferenceSession, list[ort.OrtValue]]:
         """A session running ``weights`` (every weight name); keep the returned values alive with it."""
         t0 = time.perf_counter()
-        options = _session_options(self._threads, self._shared_arena)
-        values = [self._fixed[n] if n in self._fixed else _ortvalue(weights[n]) for n in self._names]
-        if self._names:
-            options.add_external_initializers(self._names, values)
-        sess = ort.InferenceSession(self._bytes, options, providers=self._providers)
+        values = [self._fixed[n] if n in self._fixed else ortvalue(weights[n]) for n in self._names]
+        sess = create_session(self._bytes, providers=self._providers, threads=self._threads, shared_arena=self._shared_arena,
+                              external=dict(zip(self._names, values)), per_candidate=True)
         self.last_create_s = time.perf_counter() - t0
         return sess, values
 
@@ -341,18 +229,16 @@ class _InputsEngine:
             proto.graph.input.append(helper.make_tensor_value_info(name, elem, list(array.shape)))
         # Its own arena (one session warms it once) and no spinning: its idle threads would
         # otherwise spin between runs and slow down whatever the process does next.
-        options = _session_options(threads, shared_arena=False, spinning=False)
         fixed = [n for n in prepared.stored if n not in weights]
-        self._fixed_values = [_ortvalue(prepared.stored[n]) for n in fixed]
-        if fixed:
-            options.add_external_initializers(fixed, self._fixed_values)
-        self._sess = ort.InferenceSession(proto.SerializeToString(), options, providers=_provider_spec(providers))
+        self._fixed_values = [ortvalue(prepared.stored[n]) for n in fixed]
+        self._sess = create_session(proto, providers=providers, threads=threads, spinning=False,
+                                    external=dict(zip(fixed, self._fixed_values)), per_candidate=True)
         self._names = list(prepared.weights)
         self._device = device
 
     def run(self, weights: Mapping[str, np.ndarray], batches: Sequence[Batch]) -> list[list[np.ndarray]]:
         # Weights go in as OrtValues on the device once per candidate, not once per batch.
-        values = {n: _ortvalue(weights[n], self._device) for n in self._names}
+        values = {n: ortvalue(weights[n], self._device) for n in self._names}
         return [self._sess.run(None, {**feeds, **values}) for feeds, _ in batches]
 
     def close(self) -> None:
@@ -362,25 +248,6 @@ class _InputsEngine:
 
 # --------------------------------------------------------------------------------------------
 # Suffix runs: a candidate that changes one weight only changes the nodes downstream of it
-
-
-def _subgraph_refs(graph: onnx.GraphProto) -> list[str]:
-    refs = []
-    for node in graph.node:
-        refs.extend(_node_refs(node))
-    return refs
-
-
-def _node_refs(node: onnx.NodeProto) -> list[str]:
-    """Tensors a node reads: its inputs, plus outer-scope names used inside its subgraphs."""
-    refs = [name for name in node.input if name]
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            refs.extend(_subgraph_refs(attr.g))
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for graph in attr.graphs:
-                refs.extend(_subgraph_refs(graph))
-    return refs
 
 
 @dataclass
@@ -408,7 +275,7 @@ def _plan_cut(prepared: _Prepared, changed: frozenset[str]) -> _Cut | None:
     affected = set(changed)
     suffix = []
     for node in graph.node:  # ONNX graphs are topologically sorted
-        if any(ref in affected for ref in _node_refs(node)):
+        if any(ref in affected for ref in node_refs(node)):
             suffix.append(node)
             affected.update(o for o in node.output if o)
     inputs = {vi.name for vi in graph.input}
@@ -416,7 +283,7 @@ def _plan_cut(prepared: _Prepared, changed: frozenset[str]) -> _Cut | None:
     produced = {o for node in graph.node for o in node.output if o}
     boundary: list[str] = []
     for node in suffix:
-        for ref in _node_refs(node):
+        for ref in node_refs(node):
             if ref not in affected and ref not in initializers and (ref in produced or ref in inputs) and ref not in boundary:
                 boundary.append(ref)
     activations = [b for b in boundary if b not in inputs]
@@ -430,7 +297,7 @@ def _sub_model(prepared: _Prepared, nodes: list[onnx.NodeProto], inputs: list[on
                outputs: list[onnx.ValueInfoProto], weights: list[str]) -> _Prepared:
     """A model of ``nodes`` with the initializers they read (still marked external)."""
     model = prepared.model
-    refs = {ref for node in nodes for ref in _node_refs(node)}
+    refs = {ref for node in nodes for ref in node_refs(node)}
     graph = helper.make_graph(nodes, model.graph.name, inputs, outputs,
                               [t for t in model.graph.initializer if t.name in refs],
                               sparse_initializer=[t for t in model.graph.sparse_initializer if t.values.name in refs])
@@ -448,7 +315,7 @@ def _producer_model(prepared: _Prepared, names: Sequence[str]) -> _Prepared:
     for node in reversed(graph.node):
         if any(o in wanted for o in node.output):
             nodes.append(node)
-            wanted.update(_node_refs(node))
+            wanted.update(node_refs(node))
     nodes.reverse()
     declared = {o.name: o for o in graph.output}
     outputs = [declared.get(name) or onnx.ValueInfoProto(name=name) for name in names]
@@ -646,7 +513,7 @@ class Scorer:
         self._activation_bytes = 0
         self._hasher: ThreadPoolExecutor | None = None
         self._key_prefix = {s: self._context_key(s) for s in SUBSETS}
-        self._shared_arena = _shared_cpu_arena()
+        self._shared_arena = shared_cpu_arena()
         self._engine = self._start(engine)
         self.engine = self._engine.name
         self.baseline_search = self._baseline["search"]
@@ -1024,7 +891,7 @@ class Scorer:
         except OnnxwsError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise InputError(f"ONNX Runtime cannot run the model on {self.provider}: {type(exc).__name__}: {_one_line(exc)}") from exc
+            raise InputError(f"ONNX Runtime cannot run the model on {self.provider}: {type(exc).__name__}: {one_line(exc)}") from exc
 
     def _pick(self):
         session = self._build("session")
@@ -1051,7 +918,7 @@ class Scorer:
                 inputs_outputs = self._run({}, "search", inputs)
                 t_inputs = min(t_inputs, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - some graphs need constant weights; (a) still works
-            logger.info("engine inputs unavailable (%s): using session", _one_line(exc))
+            logger.info("engine inputs unavailable (%s): using session", one_line(exc))
             self._compute_baseline("search", outputs)
             return session
         logger.info("engine timing per candidate: session %.1f ms, inputs %.1f ms", t_session * 1e3, t_inputs * 1e3)
@@ -1085,13 +952,9 @@ def run_model(
     Raises:
         InputError: ONNX Runtime cannot load or run the model.
     """
-    from onnxws.runtime import CONSTANT_FOLDING
-
     providers, _ = resolve_providers(device)
-    disabled = [CONSTANT_FOLDING] if keep_compact else None
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
+    stock = {"providers": providers, "optimization": "default", "log_severity": None, "threads": threads,
+             "keep_compact": keep_compact}
     fixed = fixed_batch(model, data.input_names)
     batches = plan_batches(data, fixed or batch_size or default_batch_size(data), fixed)
     try:
@@ -1102,17 +965,15 @@ def run_model(
             except EncodeError:  # the estimate missed (a huge graph)
                 serialized = None
         if serialized is not None:
-            sess = ort.InferenceSession(serialized, options, providers=providers, disabled_optimizers=disabled)
+            sess = create_session(serialized, **stock)
             del serialized
         else:  # protobuf cannot serialise it: hand the big tensors over in memory instead
             prepared = _prepare(model, [])
-            values = [_ortvalue(a) for a in prepared.stored.values()]
-            options.add_external_initializers(list(prepared.stored), values)
-            sess = ort.InferenceSession(prepared.model.SerializeToString(), options, providers=providers,
-                                        disabled_optimizers=disabled)
+            values = {n: ortvalue(a) for n, a in prepared.stored.items()}
+            sess = create_session(prepared.model, external=values, **stock)
         per_batch = [sess.run(None, feeds) for feeds, _ in batches]
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        raise InputError(f"ONNX Runtime cannot run the model: {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise InputError(f"ONNX Runtime cannot run the model: {type(exc).__name__}: {one_line(exc)}") from exc
     return concat_outputs(per_batch, batches)
 
 

@@ -80,7 +80,7 @@ def test_granularity_auto_picks_channel_codebooks_for_per_channel_scales(tmp_pat
 
 def test_rebuilt_weights_are_checked_in_small_batches(monkeypatch):
     """With a tiny batch every weight is rebuilt on its own: same result, and a mismatch is caught."""
-    import onnxws.pipeline as pipeline
+    import onnxws.emit_check as emit_check
     from onnxws.encoding import encode_model
     from onnxws.errors import VerificationError
     from onnxws.sharing import SharedWeight
@@ -93,27 +93,27 @@ def test_rebuilt_weights_are_checked_in_small_batches(monkeypatch):
               for n, s in (("conv.W", (4, 1, 3, 3)), ("fc.W", (10, 144)))]
     encoded = encode_model(model, shared)
     calls = []
-    real = pipeline.decoded_weights
-    monkeypatch.setattr(pipeline, "decoded_weights", lambda m, names: calls.append(list(names)) or real(m, names))
-    monkeypatch.setattr(pipeline, "CHECK_BATCH_BYTES", 1)
-    pipeline._check_rebuilt_weights(encoded, shared)
+    real = emit_check.decoded_weights
+    monkeypatch.setattr(emit_check, "decoded_weights", lambda m, names: calls.append(list(names)) or real(m, names))
+    monkeypatch.setattr(emit_check, "CHECK_BATCH_BYTES", 1)
+    emit_check.check_rebuilt_weights(encoded.model, shared)
     assert calls == [["conv.W"], ["fc.W"]]
     wrong = SharedWeight("fc.W", shared[1].codebooks[:, ::-1].copy(), shared[1].indices)
     with pytest.raises(VerificationError, match="fc.W"):
-        pipeline._check_rebuilt_weights(encoded, [shared[0], wrong])
+        emit_check.check_rebuilt_weights(encoded.model, [shared[0], wrong])
 
 
 def test_dropping_the_models_weight_payloads_changes_nothing(monkeypatch):
     """compress drops the model's copy of the weights once the scorer holds them (from 1 MiB by
     default): with the threshold lowered so that lenet_like's fc.W is dropped, same model bytes."""
-    import onnxws.loading as loading
+    import onnxws.proto as proto
     from graphs import labelled_data, lenet_like
 
     model = lenet_like(seed=2)
     data = labelled_data(model, n=300)
     config = onnxws.CompressConfig.from_dict({"global": {"min_params": 16}})
     plain = onnxws.compress(model, data, loss=2.0, cache=False, search_samples=300, config=config)
-    monkeypatch.setattr(loading, "_DROP_MIN_BYTES", 1024)
+    monkeypatch.setattr(proto, "DROP_MIN_BYTES", 1024)
     dropped = onnxws.compress(model, data, loss=2.0, cache=False, search_samples=300, config=config)
     assert dropped.model.SerializeToString(deterministic=True) == plain.model.SerializeToString(deterministic=True)
     assert dropped.report["model"]["sha256"] == plain.report["model"]["sha256"]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from graphs import lenet_like
 from onnxws.cli import app
-from onnxws.encoding import decoded_weights
+from onnxws.emit_check import decoded_weights
 
 runner = CliRunner()
 

@@ -12,16 +12,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxws.encoding import (
-    decoded_weights,
-    default_opset,
-    encode_model,
-    model_weight_bytes,
-    pack_indices,
-    plan_layout,
-    unpack_indices,
-)
+from onnxws.emit_check import decoded_weights
+from onnxws.encoding import encode_model, pack_indices, plan_layout, unpack_indices
 from onnxws.errors import InputError, UsageError
+from onnxws.proto import default_opset, model_weight_bytes
 from onnxws.sharing import Granularity, SharedWeight
 
 KS = [1, 2, 3, 4, 5, 8, 16, 32, 64, 100, 128, 256]  # index widths 0, 1, 2, 2, 3, 3, 4, 5, 6, 7, 7, 8
@@ -468,8 +462,8 @@ def test_encoding_with_values_in_memory_gives_the_same_bytes(opset):
 @pytest.mark.parametrize("opset", [17, 21])
 def test_encoding_a_model_without_payloads_restores_the_unshared_weights(opset):
     """The pipeline drops the model's copy of the weights once the scorer holds them
-    (loading.without_payloads); encoding puts the identical bytes back for the unshared ones."""
-    from onnxws.loading import lacks_payload, without_payloads
+    (proto.without_payloads); encoding puts the identical bytes back for the unshared ones."""
+    from onnxws.proto import lacks_payload, without_payloads
 
     model = _three_weight_model(opset)
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -9,6 +9,7 @@ import pytest
 
 import onnxws
 import onnxws.loading as loading
+import onnxws.proto as proto
 from graphs import labelled_data, lenet_like
 from onnxws.errors import InputError
 
@@ -29,7 +30,7 @@ def test_compress_a_model_stored_with_external_data(tmp_path):
 
 def test_large_outputs_are_written_as_external_data(tmp_path, monkeypatch):
     model = lenet_like(seed=4)
-    monkeypatch.setattr(loading, "_PROTO_LIMIT", 1000)  # pretend the model is over protobuf's 2 GB limit
+    monkeypatch.setattr(proto, "PROTO_LIMIT", 1000)  # pretend the model is over protobuf's 2 GB limit
     out = tmp_path / "big.onnx"
     size = loading.save_model_atomic(model, out)
     data_file = tmp_path / "big.onnx.data"
@@ -49,7 +50,7 @@ def test_large_outputs_are_written_as_external_data(tmp_path, monkeypatch):
 
 
 def _large(monkeypatch) -> None:
-    monkeypatch.setattr(loading, "_PROTO_LIMIT", 1000)
+    monkeypatch.setattr(proto, "PROTO_LIMIT", 1000)
 
 
 def _if_model() -> onnx.ModelProto:
@@ -72,23 +73,23 @@ def _if_model() -> onnx.ModelProto:
 
 def test_payload_bytes_come_from_shapes():
     t = onnx.numpy_helper.from_array(np.zeros((3, 4), np.float32), "t")
-    assert loading.payload_bytes(t) == 48
+    assert proto.payload_bytes(t) == 48
     u4 = onnx.helper.make_tensor("u", onnx.TensorProto.UINT4, [5], [1, 2, 3, 4, 5])
-    assert loading.payload_bytes(u4) == 3  # 5 x 4 bits, packed
+    assert proto.payload_bytes(u4) == 3  # 5 x 4 bits, packed
     ext = onnx.TensorProto(name="e", data_type=onnx.TensorProto.FLOAT, dims=[1000], data_location=onnx.TensorProto.EXTERNAL)
-    loading._set_external(ext, "w.data", 0, 4000)
-    assert loading.payload_bytes(ext) == 4000
+    proto.set_external(ext, "w.data", 0, 4000)
+    assert proto.payload_bytes(ext) == 4000
     # Every tensor counts, nested ones too: lenet_like (4,1,3,3)+(4)+(10,144)+(10) floats, cond, 2 x 300 floats.
     model = _if_model()
-    assert sum(loading.payload_bytes(t) for t in loading._tensors(model)) == 4 * (36 + 4 + 1440 + 10) + 1 + 2 * 1200
+    assert sum(proto.payload_bytes(t) for t in proto.tensors(model)) == 4 * (36 + 4 + 1440 + 10) + 1 + 2 * 1200
 
 
 def test_large_model_is_checked_without_serialising_it(monkeypatch):
     model = _if_model()
-    assert loading.fits_in_one_message(model)
+    assert proto.fits_in_one_message(model)
     _large(monkeypatch)
-    assert not loading.fits_in_one_message(model)
-    light, swapped = loading._light_copy(model, lambda t, field: loading.payload_bytes(t) >= 1024)
+    assert not proto.fits_in_one_message(model)
+    light, swapped = proto.light_copy(model, lambda t, field: proto.payload_bytes(t) >= 1024)
     assert sorted(s.name for s, _ in swapped) == ["e_w", "fc.W", "t_w"]  # initializers, subgraph ones and attributes
     assert all(not t.HasField("raw_data") and list(t.dims) == list(s.dims) for s, t in swapped)
     then_branch = next(a.g for a in model.graph.node[-1].attribute if a.name == "then_branch")
@@ -125,10 +126,10 @@ def test_large_output_streams_initializers_aligned_and_reloads(tmp_path, monkeyp
     size = loading.save_model_atomic(model, out)
     assert size == out.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
     shallow = onnx.load(str(out), load_external_data=False)
-    where = {t.name: {e.key: e.value for e in t.external_data} for t in loading._tensors(shallow)
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in proto.tensors(shallow)
              if t.data_location == onnx.TensorProto.EXTERNAL}
     assert sorted(where) == ["big", "fc.W", "t_w"]  # initializers (nested too); the Constant stays inline
-    assert int(where["big"]["offset"]) % loading._ALIGN == 0
+    assert int(where["big"]["offset"]) % loading.ALIGN == 0
     reloaded = loading.load_model(out)  # checked through the light copy as well
     for name in ("big", "fc.W", "conv.W"):
         a = next(t for t in model.graph.initializer if t.name == name)
@@ -145,8 +146,8 @@ def test_compress_runs_the_large_code_paths(tmp_path, monkeypatch):
                     location="ext.data", size_threshold=0)
     _large(monkeypatch)
     calls = []
-    light_check = loading._check_light
-    monkeypatch.setattr(loading, "_check_light", lambda m: calls.append(1) or light_check(m))
+    light_check = loading.check_light
+    monkeypatch.setattr(loading, "check_light", lambda m: calls.append(1) or light_check(m))
     result = onnxws.compress(path, data, loss=2.0, cache=False, search_samples=300,
                              config=onnxws.CompressConfig.from_dict({"global": {"min_params": 16}}))
     assert len(calls) == 2  # the input on load, the emitted model before it is measured
@@ -204,7 +205,7 @@ def test_compress_a_large_in_memory_model(monkeypatch):
     data = labelled_data(model, n=300)
     expected = model.ByteSize()
     _large(monkeypatch)
-    assert abs(loading.message_bytes(model) - expected) <= 16  # nested length prefixes aside
+    assert abs(proto.message_bytes(model) - expected) <= 16  # nested length prefixes aside
     result = onnxws.compress(model, data, loss=2.0, cache=False, search_samples=300,
                              config=onnxws.CompressConfig.from_dict({"global": {"min_params": 16}}))
     assert abs(result.report["compression"]["bytes_before"] - expected) <= 16

@@ -10,7 +10,8 @@ from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxws.clustering import share_weight_all_k
-from onnxws.encoding import decoded_weights, encode_model
+from onnxws.emit_check import decoded_weights
+from onnxws.encoding import encode_model
 from onnxws.sharing import Granularity
 
 shapes = st.tuples(st.integers(1, 8), st.integers(1, 16))

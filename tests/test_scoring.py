@@ -13,7 +13,8 @@ from onnxws.cache import ScoreCache
 from onnxws.data import load_data
 from onnxws.errors import InputError, UsageError
 from onnxws.metrics import resolve_metric
-from onnxws.scoring import Scorer, _cuda_usable, evaluate_model, resolve_providers
+from onnxws.runtime import cuda_usable, resolve_providers
+from onnxws.scoring import Scorer, evaluate_model
 
 ENGINES = ["session", "inputs"]
 WEIGHTS = ["conv.W", "fc.W"]
@@ -337,7 +338,7 @@ def test_resolve_providers():
     assert resolve_providers("cpu") == (["CPUExecutionProvider"], "CPUExecutionProvider")
     with pytest.raises(UsageError, match="gpu"):
         resolve_providers("gpu")
-    if _cuda_usable():
+    if cuda_usable():
         pytest.skip("a GPU is usable here")
     assert resolve_providers("auto") == (["CPUExecutionProvider"], "CPUExecutionProvider")
     with pytest.raises(InputError, match=r"--device cuda: no usable GPU .*install onnxws\[gpu\] or use --device cpu"):

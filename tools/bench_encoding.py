@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from onnxws.encoding import encode_model, model_weight_bytes  # noqa: E402
+from onnxws.encoding import encode_model  # noqa: E402
+from onnxws.proto import model_weight_bytes  # noqa: E402
 from onnxws.sharing import SharedWeight  # noqa: E402
 
 CHILD = r"""
