@@ -31,12 +31,13 @@ the gather time (75-80 ms vs 35-46 ms for one 2.36 M-weight tensor), and int32 a
 whole stream used 920 MB. Bitwise ops (opset 18) instead of Add/Mod saved < 5% and need a higher
 opset, so they are not used.
 
-Graph surgery edits the protobuf directly (onnx helpers) rather than through onnx-graphsurgeon:
-measured with onnx-graphsurgeon 0.6.1 / onnx 1.23.2, a gs import/export round trip drops the model's
-doc_string, domain and model_version, node doc strings and metadata_props, graph and model
-metadata_props, sparse initializers, unused value_info and initializers listed as graph inputs,
-and copies every outer-scope initializer read by an If/Loop body into that body (duplicating
-weights). Every decode node reads only initializers, so prepending the new nodes keeps the node
+Graph surgery edits the protobuf directly (onnx helpers) rather than through a graph library:
+measured with onnx 1.23.2 (docs/graph_libraries.md, tools/bench_graph_libraries.py), an
+onnx-graphsurgeon 0.6.1 round trip drops the model's doc_string, domain and model_version, node doc
+strings and metadata_props, graph and model metadata_props, unused value_info and initializers
+listed as graph inputs, and copies every outer-scope initializer read by an If/Loop body into that
+body (duplicating weights); an onnx-ir 1.1.0 round trip drops sparse initializers and unused
+value_info and duplicates initializer metadata_props. Every decode node reads only initializers, so prepending the new nodes keeps the node
 list topologically sorted; everything else in the model is left as it was. Raising the opset is
 ``onnxws.opset``; the rebuilt weights and the re-measured metric of the written file are checked
 by ``onnxws.emit_check``.

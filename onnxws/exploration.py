@@ -32,6 +32,14 @@ def loss_between(baseline: float, value: float, mode: str) -> float:
     return (baseline - value) / abs(baseline) * 100.0
 
 
+def value_after_loss(baseline: float, loss: float | None, mode: str) -> float:
+    """The metric value (fraction) that loses ``loss`` (in the budget's unit) from ``baseline``:
+    the inverse of ``loss_between``; NaN for an unknown loss."""
+    if loss is None:
+        return math.nan
+    return baseline - loss / 100.0 * (1.0 if mode == "absolute" else abs(baseline))
+
+
 def loss_unit(mode: str) -> str:
     return "pp" if mode == "absolute" else "percent_of_baseline"
 

@@ -29,7 +29,7 @@ from onnxws.discovery import Discovery, constant_tensors, find_weights
 from onnxws.emit_check import check_rebuilt_weights, check_trusted
 from onnxws.encoding import EncodeResult, encode_model
 from onnxws.errors import BudgetError, InputError, NothingToShareError, VerificationError
-from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_unit, within_budget
+from onnxws.exploration import Layer, Option, SearchContext, loss_between, loss_unit, value_after_loss, within_budget
 from onnxws.layer_search import choose_granularities, layer_sensitivity
 from onnxws.loading import check_model, load_model, model_sha256
 from onnxws.proto import default_opset, message_bytes, model_weight_bytes, without_payloads
@@ -334,7 +334,7 @@ def compress(
         check_rebuilt_weights(encoded.model, shared)
         emitted_value = evaluate_model(encoded.model, eval_data, metric, device=config.device,
                                        batch_size=config.batch_size, reference=scorer)
-        scorer_value = baseline["full"] - ctx.known(chosen, "full") / 100.0 * (1 if config.loss_mode == "absolute" else abs(baseline["full"]))
+        scorer_value = value_after_loss(baseline["full"], ctx.known(chosen, "full"), config.loss_mode)
         check_trusted(emitted_value, scorer_value)
         final_loss = loss_between(baseline["full"], emitted_value, config.loss_mode)
         if not within_budget(final_loss, config.loss):
@@ -476,7 +476,7 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
             "k": ks[0] if len(ks) == 1 else max(ks), "bits": index_bits(max(ks)),
             "ratio_theoretical": ctx.ratio(uniform_tuple), "loss": uniform_full,
             "loss_search": ctx.known(uniform_tuple), "within_budget": within_budget(uniform_full, config.loss),
-            "value": ctx.baseline["full"] - uniform_full / 100.0 if mode == "absolute" else None,
+            "value": value_after_loss(ctx.baseline["full"], uniform_full, mode) if mode == "absolute" else None,
             "tried": {str(k): v for k, v in uniform_tried.items()},
         }
     pareto = [{"k": tup, "ratio": ratio, "loss_predicted": pred, "loss_measured": ctx.known(tup)}
@@ -498,7 +498,7 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
         "budget": {"loss": config.loss, "mode": mode, "unit": unit},
         "baseline": {"value": ctx.baseline["full"], "value_search": ctx.baseline["search"]},
         "final": {"value": emitted_value,
-                  "value_search": None if ctx.known(chosen) is None else ctx.baseline["search"] - _to_fraction(ctx.known(chosen), ctx.baseline["search"], mode),
+                  "value_search": None if ctx.known(chosen) is None else value_after_loss(ctx.baseline["search"], ctx.known(chosen), mode),
                   "loss": final_loss, "loss_unit": unit, "loss_search": ctx.known(chosen),
                   "value_scorer_full": scorer_value, "k": dict(chosen)},
         "compression": {"ratio_theoretical": ratio_shared, "ratio_whole_theoretical": ratio_whole,
@@ -543,9 +543,3 @@ def _build_report(*, proto, model_hash: str, model_path, data_path, eval_data: E
         "versions": _versions(),
     }
     return report
-
-
-def _to_fraction(loss: float | None, baseline: float, mode: str) -> float:
-    if loss is None:
-        return math.nan
-    return loss / 100.0 if mode == "absolute" else loss / 100.0 * abs(baseline)

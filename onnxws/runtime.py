@@ -27,14 +27,13 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from onnxws.config import DEVICES
 from onnxws.errors import InputError, UsageError
 
 logger = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-#: Values of ``--device``.
-DEVICES = ("auto", "cpu", "cuda")
 #: ORT's graph transformer that pre-computes constant subgraphs (the weight decoders).
 CONSTANT_FOLDING = "ConstantFolding"
 #: Graph optimisation levels of ``create_session``; "default" leaves ORT's own default.
