@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxws.proto import subgraphs
+from onnxws.proto import nested_nodes, subgraphs
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +144,10 @@ def _uses(model: onnx.ModelProto) -> dict[str, list[_Use]]:
 def _subgraph_uses(model: onnx.ModelProto) -> set[str]:
     """Names read inside subgraphs (If/Loop/Scan bodies): a weight used there is outer-scope."""
     names: set[str] = set()
-    pending = [sub for node in model.graph.node for sub in subgraphs(node)]
-    while pending:
-        graph = pending.pop()
-        for node in graph.node:
-            names.update(node.input)
-            pending.extend(subgraphs(node))
+    for node in model.graph.node:
+        for sub in subgraphs(node):
+            for inner in nested_nodes(sub.node):
+                names.update(inner.input)
     return names
 
 

@@ -37,8 +37,8 @@ onnx-graphsurgeon 0.6.1 round trip drops the model's doc_string, domain and mode
 strings and metadata_props, graph and model metadata_props, unused value_info and initializers
 listed as graph inputs, and copies every outer-scope initializer read by an If/Loop body into that
 body (duplicating weights); an onnx-ir 1.1.0 round trip drops sparse initializers and unused
-value_info and duplicates initializer metadata_props. Every decode node reads only initializers, so prepending the new nodes keeps the node
-list topologically sorted; everything else in the model is left as it was. Raising the opset is
+value_info and duplicates initializer metadata_props. Every decode node reads only initializers,
+so prepending the new nodes keeps the node list topologically sorted; everything else in the model is left as it was. Raising the opset is
 ``onnxws.opset``; the rebuilt weights and the re-measured metric of the written file are checked
 by ``onnxws.emit_check``.
 """

@@ -18,12 +18,10 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnx import TensorProto
 
 from onnxws.errors import InputError, one_line
-from onnxws.proto import PLACEHOLDER, fits_in_one_message, light_copy, payload_bytes, set_external, swap_raw
+from onnxws.proto import PLACEHOLDER, SWAP_MIN_BYTES, fits_in_one_message, light_copy, payload_bytes, set_external, swap_raw
 
 logger = logging.getLogger(__name__)
 
-# Tensors with at least this many payload bytes are moved out of light copies (and saved as external data).
-_SWAP_MIN_BYTES = 1024
 # External data: payloads of at least ALIGN_MIN_BYTES start at multiples of ALIGN (ORT can memory-map them).
 ALIGN = 1 << 16
 ALIGN_MIN_BYTES = 1 << 20
@@ -81,7 +79,7 @@ def check_model(model: onnx.ModelProto, origin: str | Path = "model") -> None:
 def check_light(model: onnx.ModelProto) -> None:
     """``onnx.checker`` by path on a light copy of ``model`` (``check_light_by_path``)."""
     light, swapped = light_copy(model, lambda tensor, field: tensor.data_location == TensorProto.EXTERNAL
-                                 or payload_bytes(tensor) >= _SWAP_MIN_BYTES)
+                                 or payload_bytes(tensor) >= SWAP_MIN_BYTES)
     for source, target in swapped:
         set_external(target, PLACEHOLDER, 0, payload_bytes(source))
     check_light_by_path(light)
@@ -123,7 +121,7 @@ def model_sha256(model: onnx.ModelProto) -> str:
             return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
         except EncodeError:
             pass
-    light, swapped = light_copy(model, swap_raw(_SWAP_MIN_BYTES))
+    light, swapped = light_copy(model, swap_raw(SWAP_MIN_BYTES))
     for source, target in swapped:
         set_external(target, PLACEHOLDER, 0, payload_bytes(source))
     digest = hashlib.sha256(light.SerializeToString(deterministic=True))
@@ -191,7 +189,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, *, force: bool =
 def _write_external(model: onnx.ModelProto, data_path: Path, data_name: str, path: Path) -> bytes:
     """Stream the large initializers of ``model`` into ``data_path``; return the light model's bytes
     (its tensors reference ``data_name``, the data file's final name)."""
-    light, swapped = light_copy(model, swap_raw(_SWAP_MIN_BYTES, frozenset({"initializer"})))
+    light, swapped = light_copy(model, swap_raw(SWAP_MIN_BYTES, frozenset({"initializer"})))
     with open(data_path, "wb") as handle:
         for source, target in swapped:
             data = source.raw_data  # one tensor's bytes at a time

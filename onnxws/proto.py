@@ -28,6 +28,8 @@ from onnx import AttributeProto, TensorProto, helper
 PROTO_LIMIT = 2**31 - 1 - 64 * 2**20
 #: Location of payload-free tensors in light copies (an empty file, or none).
 PLACEHOLDER = "onnxws-placeholder"
+#: Tensors with at least this many payload bytes are moved out of light copies (and saved as external data).
+SWAP_MIN_BYTES = 1024
 #: ``without_payloads`` drops payloads from this size (never below 1 KiB: see there).
 DROP_MIN_BYTES = 1 << 20
 #: TensorProto fields that hold a tensor's values; with where they live, its payload.
@@ -135,7 +137,7 @@ def fits_in_one_message(model: onnx.ModelProto) -> bool:
     return True
 
 
-def message_bytes(model: onnx.ModelProto, *, swap_min_bytes: int = 1024) -> int:
+def message_bytes(model: onnx.ModelProto) -> int:
     """Bytes of ``model``'s serialisation, without ``ByteSize()`` on a model over the protobuf limit.
 
     Over the limit it is the size of a light copy plus its swapped-out payloads and their field
@@ -146,7 +148,7 @@ def message_bytes(model: onnx.ModelProto, *, swap_min_bytes: int = 1024) -> int:
             return model.ByteSize()
         except EncodeError:
             pass
-    light, swapped = light_copy(model, swap_raw(swap_min_bytes))
+    light, swapped = light_copy(model, swap_raw(SWAP_MIN_BYTES))
     payloads = sum(payload_bytes(source) for source, _ in swapped)
     headers = sum(1 + _varint_bytes(payload_bytes(source)) for source, _ in swapped)  # raw_data tag + length
     return light.ByteSize() + payloads + headers
