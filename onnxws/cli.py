@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from enum import Enum
+from inspect import Parameter, signature
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
@@ -15,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from onnxws.config import DEVICES, RUN_OPTIONS, CompressConfig, RunOption
 from onnxws.errors import InputError, OnnxwsError, UsageError
 
 app = typer.Typer(
@@ -28,27 +32,52 @@ err = Console(stderr=True)
 out = Console()
 
 
-class LossMode(str, Enum):
-    absolute = "absolute"
-    relative = "relative"
+Device = Enum("Device", {name: name for name in DEVICES}, type=str)
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+def _choices(option: RunOption) -> type[Enum]:
+    return Enum(option.name.title().replace("_", ""), {c: c for c in option.choices}, type=str)
 
 
-class Strategy(str, Enum):
-    predictor = "predictor"
-    exhaustive = "exhaustive"
-    greedy = "greedy"
+def _shown(value: Any, option: RunOption) -> str:
+    if option.kind is bool:
+        return option.flag[2:] if value else "no-" + option.flag[2:]
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-class Predictor(str, Enum):
-    auto = "auto"
-    divergence = "divergence"
-    additive = "additive"
+def _annotation(option: RunOption) -> Any:
+    """The typer declaration of one run option (its default shown is CompressConfig's)."""
+    default = CompressConfig.__dataclass_fields__[option.name].default
+    help_text = option.help + (f" (default: {_shown(default, option)})" if default is not None else "")
+    if option.kind is bool:
+        return Annotated[Optional[bool], typer.Option(f"{option.flag}/--no-{option.flag[2:]}", help=help_text)]
+    kind = _choices(option) if option.choices else option.kind
+    limits = {"min": option.minimum} if option.minimum is not None else {}
+    return Annotated[Optional[kind], typer.Option(option.flag, help=help_text, **limits)]
+
+
+def _with_run_options(*, batch: bool) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command one option per run option (config.RUN_OPTIONS; ``batch``: those a batch sets
+    for every model), in place of its ``run_options`` parameter, which receives {name: value} of
+    the options given on the command line."""
+    options = [option for option in RUN_OPTIONS if option.batch or not batch]
+
+    def wrap(fn: Callable[..., None]) -> Callable[..., None]:
+        declared = signature(fn, eval_str=True)
+        params = list(declared.parameters.values())
+        at = [p.name for p in params].index("run_options")
+        added = [Parameter(o.name, Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=_annotation(o))
+                 for o in options]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> None:
+            given = {o.name: kwargs.pop(o.name) for o in options}
+            fn(run_options={k: v.value if isinstance(v, Enum) else v for k, v in given.items() if v is not None}, **kwargs)
+
+        command.__signature__ = declared.replace(parameters=params[:at] + added + params[at + 1:])  # type: ignore[attr-defined]
+        return command
+
+    return wrap
 
 
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", exists=True, dir_okay=False, readable=True)]
@@ -112,28 +141,13 @@ class _StageProgress:
 
 
 @app.command()
+@_with_run_options(batch=False)
 def compress(
     model: ModelArg,
     data: DataOpt = None,
-    loss: Annotated[Optional[float], typer.Option(help="Accuracy-loss budget: percentage points of the metric (absolute) or percent of the baseline (relative). [default: 1]")] = None,
-    loss_mode: Annotated[Optional[LossMode], typer.Option("--loss-mode", help="absolute (pp) or relative (percent of baseline). [default: absolute]")] = None,
+    run_options: dict[str, Any] | None = None,
     out_path: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output model. Default: <model stem>.ws.onnx beside the input.", dir_okay=False)] = None,
     report_dir: Annotated[Optional[Path], typer.Option("--report-dir", help="Report folder. Default: <output stem>.report beside the output.", file_okay=False)] = None,
-    device: Annotated[Optional[Device], typer.Option(help="Where candidates are scored: auto (CUDA if usable), cpu, cuda. [default: auto]")] = None,
-    search_samples: Annotated[Optional[int], typer.Option("--search-samples", min=1, help="Samples of the fixed search subset (the first N). [default: 2000]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Inference batch size for scoring.")] = None,
-    metric: Annotated[Optional[str], typer.Option(help="Custom metric package.module:function(outputs, data) -> float, higher is better.")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", help="Model output the metric reads (default: the first).")] = None,
-    strategy: Annotated[Optional[Strategy], typer.Option(help="Network search: predictor (paper + refinement), exhaustive, greedy. [default: predictor]")] = None,
-    predictor: Annotated[Optional[Predictor], typer.Option(help="Loss model of the predictor strategy: divergence (a fitted function of the summed output divergences), additive (the paper's weighted sum of losses alone), auto (the one that predicts the scored tuples better). [default: auto]")] = None,
-    edge_tries: Annotated[Optional[int], typer.Option("--edge-tries", min=0, help="Most full-set scorings spent, when the verified tuple leaves loss to spare, on more compressive tuples that measured just over the budget on the search subset but within its sampling error (0: off). [default: 4]")] = None,
-    grow_subset: Annotated[Optional[bool], typer.Option("--grow-subset/--no-grow-subset", help="When tuples that held on the search subset miss on the full set and the verified answer falls well short of them, grow the subset 4x (at most to the full set) and search again, within --time-budget / --max-scorings. [default: grow-subset]")] = None,
-    refine: Annotated[Optional[bool], typer.Option("--refine/--no-refine", help="Refine each candidate of Gemm/MatMul/Conv weights against the layer's measured inputs (indices with error feedback, least-squares codebook): same encoding, less output error. [default: refine]")] = None,
-    bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="With --refine: give each refined weight's own bias (Conv B, Gemm C, MatMul + Add) the value that cancels the mean shift of its outputs on the search subset. [default: bias-correction]")] = None,
-    time_budget: Annotated[Optional[float], typer.Option("--time-budget", min=0.001, help="Stop exploring after this many seconds; the best verified tuple is kept.")] = None,
-    max_scorings: Annotated[Optional[int], typer.Option("--max-scorings", min=1, help="Stop exploring after this many scorings (cache hits included).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (predictor sampling). [default: 0]")] = None,
-    opset: Annotated[Optional[int], typer.Option(help="Pin the output opset (raised opsets unlock UINT4/UINT2 indices).")] = None,
     granularity: Annotated[Optional[str], typer.Option(help="Codebooks per tensor: tensor, channel or group:N.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML config (see DESIGN.md); options given here override it.", exists=True, dir_okay=False)] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache", help="Score-cache folder (default: the user cache folder).", file_okay=False)] = None,
@@ -146,21 +160,14 @@ def compress(
     """Compress MODEL by weight sharing within an accuracy-loss budget."""
     _setup_logging(debug, quiet)
     with _errors(debug):
-        from onnxws.config import CompressConfig
         from onnxws.pipeline import compress as run_compress
-        from onnxws.report import summary_rows
+        from onnxws.report_html import summary_rows
 
         model = model.resolve()
         target = (out_path or model.with_name(model.name.removesuffix(".onnx") + ".ws.onnx")).resolve()
         _check_output(model, target, force)
         folder = (report_dir or target.with_name(target.name.removesuffix(".onnx") + ".report")).resolve()
-        overrides = {
-            "loss": loss, "loss_mode": loss_mode.value if loss_mode else None, "device": device.value if device else None,
-            "search_samples": search_samples, "batch_size": batch_size, "metric": metric, "output": output,
-            "strategy": strategy.value if strategy else None, "predictor": predictor.value if predictor else None,
-            "edge_tries": edge_tries, "grow_subset": grow_subset, "refine": refine, "bias_correction": bias_correction, "time_budget": time_budget, "max_scorings": max_scorings, "seed": seed, "opset": opset,
-        }
-        overrides = {k: v for k, v in overrides.items() if v is not None}
+        overrides = dict(run_options or {})
         if config is not None:
             cfg = CompressConfig.from_toml(config, **overrides)
         else:
@@ -274,22 +281,11 @@ def evaluate(
 
 
 @app.command()
+@_with_run_options(batch=True)
 def batch(
     source: Annotated[Path, typer.Argument(help="Folder of .onnx models (each with its sidecar data) or a TOML manifest.", exists=True)],
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Output folder: <stem>.ws.onnx, <stem>.report/, summary.md, summary.csv.", file_okay=False)],
-    loss: Annotated[Optional[float], typer.Option(help="Accuracy-loss budget for every model (a manifest may override per model).")] = None,
-    loss_mode: Annotated[Optional[LossMode], typer.Option("--loss-mode")] = None,
-    device: Annotated[Optional[Device], typer.Option()] = None,
-    search_samples: Annotated[Optional[int], typer.Option("--search-samples", min=1)] = None,
-    strategy: Annotated[Optional[Strategy], typer.Option()] = None,
-    predictor: Annotated[Optional[Predictor], typer.Option()] = None,
-    edge_tries: Annotated[Optional[int], typer.Option("--edge-tries", min=0)] = None,
-    grow_subset: Annotated[Optional[bool], typer.Option("--grow-subset/--no-grow-subset")] = None,
-    refine: Annotated[Optional[bool], typer.Option("--refine/--no-refine")] = None,
-    bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction")] = None,
-    time_budget: Annotated[Optional[float], typer.Option("--time-budget", min=0.001)] = None,
-    max_scorings: Annotated[Optional[int], typer.Option("--max-scorings", min=1)] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    run_options: dict[str, Any] | None = None,
     config: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False)] = None,
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="Models compressed in parallel (processes).")] = 1,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache", file_okay=False)] = None,
@@ -306,11 +302,7 @@ def batch(
 
         from onnxws.batch import run_batch
 
-        options = {"loss": loss, "loss_mode": loss_mode.value if loss_mode else None,
-                   "device": device.value if device else None, "search_samples": search_samples,
-                   "strategy": strategy.value if strategy else None, "predictor": predictor.value if predictor else None,
-                   "edge_tries": edge_tries, "grow_subset": grow_subset, "refine": refine, "bias_correction": bias_correction, "time_budget": time_budget, "max_scorings": max_scorings, "seed": seed}
-        options = {k: v for k, v in options.items() if v is not None}
+        options = dict(run_options or {})
         cache: Any = False if no_cache else (str(cache_dir / "scores.sqlite") if cache_dir else None)
         if cache_dir is not None and not no_cache:
             cache_dir.mkdir(parents=True, exist_ok=True)

@@ -58,10 +58,6 @@ DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("predictor", "exhaustive", "greedy")
 PREDICTORS = ("auto", "divergence", "additive")
 TABLES = ("global", "op_type", "tensor")
-#: Run options, in the order ``to_toml`` writes them (the field names of CompressConfig).
-RUN_KEYS = ("loss", "loss_mode", "device", "search_samples", "batch_size", "metric", "output", "strategy",
-            "predictor", "edge_tries", "grow_subset", "refine", "bias_correction", "time_budget", "max_scorings", "seed",
-            "opset")
 #: Keys of a tensor-settings table ([global], [op_type.X], [tensor."glob"]), in write order.
 TENSOR_KEYS = ("skip", "min_params", "bits", "k_max", "granularity")
 _MAX_BITS = 8
@@ -89,28 +85,93 @@ def _is_metric(v: str) -> bool:
 
 _Check = tuple[Callable[[Any], bool], Callable[[Any], bool], str]
 
-_RUN_CONSTRAINTS: dict[str, _Check] = {
-    "loss": (_is_real, lambda v: math.isfinite(v) and 0 <= v < 100,
-             "a number >= 0 and < 100 (percentage points, or percent of baseline with loss_mode = \"relative\")"),
-    "loss_mode": (_is_str, lambda v: v in LOSS_MODES, f"one of {', '.join(LOSS_MODES)}"),
-    "device": (_is_str, lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
-    "search_samples": (_is_int, lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (_is_int, lambda v: v >= 1, "an integer >= 1 (or omit it)"),
-    "metric": (_is_str, _is_metric, "\"package.module:function\""),
-    "output": (_is_str, lambda v: bool(v), "a non-empty model output name"),
-    "strategy": (_is_str, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
-    "predictor": (_is_str, lambda v: v in PREDICTORS, f"one of {', '.join(PREDICTORS)}"),
-    "edge_tries": (_is_int, lambda v: v >= 0, "an integer >= 0 (0: no edge push)"),
-    "grow_subset": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
-    "refine": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
-    "bias_correction": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
-    "time_budget": (_is_real, lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0 (or omit it)"),
-    "max_scorings": (_is_int, lambda v: v >= 1, "an integer >= 1 (or omit it)"),
-    "seed": (_is_int, lambda v: 0 <= v <= _MAX_SEED, "an integer in 0..2**63-1"),
-    "opset": (_is_int, lambda v: v >= 7, "an ai.onnx opset number >= 7 (or omit it)"),
-}
-_NULLABLE = frozenset({"batch_size", "metric", "output", "time_budget", "max_scorings", "opset"})
-_FLOATS = frozenset({"loss", "time_budget"})  # stored as float so that the written TOML is stable
+@dataclass(frozen=True)
+class RunOption:
+    """One run option, declared once: the config, the TOML file, batch manifests and the command
+    line (``onnxws.cli``) are all built from ``RUN_OPTIONS``; its default is the CompressConfig
+    field's.
+
+    Attributes:
+        name: the CompressConfig field and TOML key (``--name-with-dashes`` on the command line).
+        kind: its Python type (``bool`` options get ``--x/--no-x`` flags).
+        check: (type ok, value ok, what is allowed), for every source alike.
+        help: the command-line help text.
+        choices: the allowed strings of a choice option.
+        minimum: the smallest value the command line accepts (checked again by ``check``).
+        nullable: None is a valid value (the option may be omitted).
+        batch: ``onnxws batch`` takes it for every model (else only per model, in its manifest).
+    """
+
+    name: str
+    kind: type
+    check: _Check
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    nullable: bool = False
+    batch: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _flag(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _choice(choices: tuple[str, ...]) -> _Check:
+    return (_is_str, lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
+_ON_OFF: _Check = (_flag, lambda v: True, "true or false")
+
+#: Every run option, in the order ``to_toml`` writes them (the field order of CompressConfig).
+RUN_OPTIONS: tuple[RunOption, ...] = (
+    RunOption("loss", float, (_is_real, lambda v: math.isfinite(v) and 0 <= v < 100,
+                              "a number >= 0 and < 100 (percentage points, or percent of baseline with loss_mode = \"relative\")"),
+              "Accuracy-loss budget: percentage points of the metric (absolute) or percent of the baseline (relative)."),
+    RunOption("loss_mode", str, _choice(LOSS_MODES), "absolute (pp) or relative (percent of baseline).", LOSS_MODES),
+    RunOption("device", str, _choice(DEVICES), "Where candidates are scored: auto (CUDA if usable), cpu, cuda.", DEVICES),
+    RunOption("search_samples", int, (_is_int, lambda v: v >= 1, "an integer >= 1"),
+              "Samples of the fixed search subset (the first N).", minimum=1),
+    RunOption("batch_size", int, (_is_int, lambda v: v >= 1, "an integer >= 1 (or omit it)"),
+              "Inference batch size for scoring.", minimum=1, nullable=True, batch=False),
+    RunOption("metric", str, (_is_str, _is_metric, "\"package.module:function\""),
+              "Custom metric package.module:function(outputs, data) -> float, higher is better.", nullable=True, batch=False),
+    RunOption("output", str, (_is_str, lambda v: bool(v), "a non-empty model output name"),
+              "Model output the metric reads (default: the first).", nullable=True, batch=False),
+    RunOption("strategy", str, _choice(STRATEGIES),
+              "Network search: predictor (paper + refinement), exhaustive, greedy.", STRATEGIES),
+    RunOption("predictor", str, _choice(PREDICTORS),
+              "Loss model of the predictor strategy: divergence (a fitted function of the summed output divergences), "
+              "additive (the paper's weighted sum of losses alone), auto (the one that predicts the scored tuples better).",
+              PREDICTORS),
+    RunOption("edge_tries", int, (_is_int, lambda v: v >= 0, "an integer >= 0 (0: no edge push)"),
+              "Most full-set scorings spent, when the verified tuple leaves loss to spare, on more compressive tuples that "
+              "measured just over the budget on the search subset but within its sampling error (0: off).", minimum=0),
+    RunOption("grow_subset", bool, _ON_OFF,
+              "When tuples that held on the search subset miss on the full set and the verified answer falls well short "
+              "of them, grow the subset 4x (at most to the full set) and search again, within --time-budget / --max-scorings."),
+    RunOption("refine", bool, _ON_OFF,
+              "Refine each candidate of Gemm/MatMul/Conv weights against the layer's measured inputs (indices with error "
+              "feedback, least-squares codebook): same encoding, less output error."),
+    RunOption("bias_correction", bool, _ON_OFF,
+              "With --refine: give each refined weight's own bias (Conv B, Gemm C, MatMul + Add) the value that cancels "
+              "the mean shift of its outputs on the search subset."),
+    RunOption("time_budget", float, (_is_real, lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0 (or omit it)"),
+              "Stop exploring after this many seconds; the best verified tuple is kept.", minimum=0.001, nullable=True),
+    RunOption("max_scorings", int, (_is_int, lambda v: v >= 1, "an integer >= 1 (or omit it)"),
+              "Stop exploring after this many scorings (cache hits included).", minimum=1, nullable=True),
+    RunOption("seed", int, (_is_int, lambda v: 0 <= v <= _MAX_SEED, "an integer in 0..2**63-1"),
+              "Random seed (predictor sampling)."),
+    RunOption("opset", int, (_is_int, lambda v: v >= 7, "an ai.onnx opset number >= 7 (or omit it)"),
+              "Pin the output opset (raised opsets unlock UINT4/UINT2 indices).", nullable=True, batch=False),
+)
+RUN_KEYS = tuple(option.name for option in RUN_OPTIONS)
+_RUN_CONSTRAINTS: dict[str, _Check] = {option.name: option.check for option in RUN_OPTIONS}
+_NULLABLE = frozenset(option.name for option in RUN_OPTIONS if option.nullable)
+_FLOATS = frozenset(option.name for option in RUN_OPTIONS if option.kind is float)  # stored as float: stable TOML
 
 _TENSOR_CONSTRAINTS: dict[str, _Check] = {
     "skip": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
@@ -149,6 +210,20 @@ def _unknown_key(where: str, key: Any, allowed: Iterable[str], hint: str = "") -
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
     return UsageError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def _split_keys(table: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``table``'s run options and tensor-settings keys, apart; any other key is an error."""
+    run: dict[str, Any] = {}
+    tensor: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in _RUN_CONSTRAINTS:
+            run[key] = value
+        elif key in _TENSOR_CONSTRAINTS:
+            tensor[key] = value
+        else:
+            raise _unknown_key(where, key, RUN_KEYS + TENSOR_KEYS)
+    return run, tensor
 
 
 def _check_tensor_table(table: Any, where: str) -> dict[str, Any]:
@@ -363,17 +438,7 @@ class CompressConfig:
     # -- copies ----------------------------------------------------------------------------------------------
     def with_options(self, **options: Any) -> CompressConfig:
         """A validated copy with run options and [global] tensor keys replaced (None values ignored)."""
-        run: dict[str, Any] = {}
-        glob: dict[str, Any] = {}
-        for key, value in options.items():
-            if value is None:
-                continue
-            if key in _RUN_CONSTRAINTS:
-                run[key] = value
-            elif key in _TENSOR_CONSTRAINTS:
-                glob[key] = value
-            else:
-                raise _unknown_key("option", key, RUN_KEYS + TENSOR_KEYS)
+        run, glob = _split_keys({k: v for k, v in options.items() if v is not None}, "option")
         if glob:
             table = {**self.global_settings.table(), **_check_tensor_table(glob, "global")}
             run["global_settings"] = TensorSettings(**table)
@@ -401,15 +466,7 @@ class CompressConfig:
         glob = data.get("global", {})
         if not isinstance(glob, Mapping):
             raise UsageError(f"config: global = {glob!r}: expected a [global] table")
-        run: dict[str, Any] = {}
-        tensor_part: dict[str, Any] = {}
-        for key, value in glob.items():
-            if key in _RUN_CONSTRAINTS:
-                run[key] = value
-            elif key in _TENSOR_CONSTRAINTS:
-                tensor_part[key] = value
-            else:
-                raise _unknown_key("[global]", key, RUN_KEYS + TENSOR_KEYS)
+        run, tensor_part = _split_keys(glob, "[global]")
         config = cls(**run, global_settings=TensorSettings(**_check_tensor_table(tensor_part, "global")),
                      op_type=cls._mapping(data, "op_type"), tensor=cls._mapping(data, "tensor"))
         return config.with_options(**overrides)

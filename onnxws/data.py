@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,13 @@ LABELS = "y"
 """Name of the integer label array (class index per sample)."""
 ALIAS = "x"
 """Name a single-input model's data may use instead of the input's name."""
+DEFAULT_BATCH = 1000
+"""Largest default batch (samples per run)."""
+BATCH_INPUT_BYTES = 16 * 2**20
+"""Default batches hold at most this many bytes of input (ImageNet fp32: 27 images), so memory stays bounded."""
+
+Batch = tuple[dict[str, np.ndarray], int]
+"""One run's feeds and its number of real samples (the rest is padding of a fixed batch)."""
 
 
 @dataclass
@@ -266,3 +273,67 @@ def _check_dtype(name: str, arr: np.ndarray, elem: int) -> None:
             f"input {name!r}: data dtype {arr.dtype} but the model expects {expected} (ONNX {type_name}); "
             f"convert it when writing the data (e.g. array.astype(np.{expected}))"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Batching: how the samples are split into runs
+
+
+
+
+def fixed_batch(model: onnx.ModelProto, input_names: Sequence[str] | None = None) -> int | None:
+    """The fixed size of the models' batch axis (axis 0 of its data inputs), or None if dynamic.
+
+    Raises:
+        InputError: inputs disagree on a fixed batch size.
+    """
+    names = set(input_names) if input_names is not None else None
+    sizes: dict[str, int] = {}
+    for vi in model_inputs(model):
+        if names is not None and vi.name not in names:
+            continue
+        tensor = vi.type.tensor_type
+        if tensor.HasField("shape") and len(tensor.shape.dim) >= 1:
+            dim = tensor.shape.dim[0]
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                sizes[vi.name] = dim.dim_value
+    if len(set(sizes.values())) > 1:
+        raise InputError(f"model inputs fix different batch sizes {sizes}; onnxws needs one batch axis shared by every input")
+    return next(iter(sizes.values()), None)
+
+
+def default_batch_size(data: EvalData) -> int:
+    """Samples per run: up to DEFAULT_BATCH, and at most BATCH_INPUT_BYTES of input."""
+    per_sample = sum(int(data.arrays[n][:1].nbytes) for n in data.input_names)
+    return max(1, min(DEFAULT_BATCH, BATCH_INPUT_BYTES // max(per_sample, 1)))
+
+
+def plan_batches(data: EvalData, batch_size: int, fixed: int | None) -> list[Batch]:
+    """Split ``data``'s feeds into runs. A fixed batch N is run in chunks of N, the last padded
+    by repeating its last sample (its outputs are trimmed); dynamic batches are ``batch_size``."""
+    size = fixed or batch_size
+    feeds = data.feeds()
+    batches: list[Batch] = []
+    for start in range(0, data.n, size):
+        stop = min(start + size, data.n)
+        chunk = {k: v[start:stop] for k, v in feeds.items()}
+        real = stop - start
+        if fixed and real < fixed:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)]) for k, v in chunk.items()}
+        batches.append((chunk, real))
+    return batches
+
+
+def concat_outputs(per_batch: list[list[np.ndarray]], batches: Sequence[Batch]) -> list[np.ndarray]:
+    """Join per-batch outputs along axis 0, trimming the padding of fixed-size batches."""
+    if len(per_batch) == 1 and len(next(iter(batches[0][0].values()))) == batches[0][1]:
+        return list(per_batch[0])
+    joined = []
+    for i in range(len(per_batch[0])):
+        parts = []
+        for outs, (feeds, real) in zip(per_batch, batches):
+            rows = len(next(iter(feeds.values())))
+            out = outs[i]
+            parts.append(out[:real] if out.ndim >= 1 and out.shape[0] == rows else out)
+        joined.append(np.concatenate(parts, axis=0) if parts[0].ndim >= 1 else np.stack(parts))
+    return joined

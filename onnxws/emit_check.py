@@ -3,21 +3,31 @@
 Trust but verify, after encoding: every shared weight the emitted graph rebuilds (in ONNX Runtime)
 equals the decoded weight that was scored, bit for bit; and the emitted model's metric on the full
 evaluation set, measured in a stock ORT session, matches the scorer's figure for the same tuple
-(within TRUST_TOLERANCE_PP) and the loss budget.
+(within TRUST_TOLERANCE_PP) and the loss budget. ``emit_stage`` runs the emit stage with these
+checks: encode, check the written model, rebuild its weights, re-measure it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxws.config import CompressConfig
+from onnxws.data import EvalData
+from onnxws.encoding import EncodeResult, encode_model
 from onnxws.errors import InputError, VerificationError
+from onnxws.evaluation import evaluate_model
+from onnxws.exploration import loss_between, loss_unit, value_after_loss, within_budget
+from onnxws.loading import check_model
+from onnxws.metrics import Metric
 from onnxws.proto import payload_bytes
 from onnxws.runtime import create_session
+from onnxws.scoring import Scorer
 from onnxws.sharing import SharedWeight
 
 logger = logging.getLogger(__name__)
@@ -27,6 +37,40 @@ TRUST_TOLERANCE_PP = 0.1
 #: The emitted model's rebuilt weights are checked in batches of at most this many decoded bytes.
 CHECK_BATCH_BYTES = 256 * 2**20
 _DECODE_BATCH_BYTES = 1 << 30  # decoded_weights: initializer bytes per ORT sub-model
+
+
+@dataclass
+class Emitted:
+    """The emit stage's result: the written model, its metric re-measured in stock ORT on the full
+    set, the scorer's figure for the same tuple, and the loss the written model has."""
+
+    encoded: EncodeResult
+    value: float
+    scorer_value: float
+    loss: float
+
+
+def emit_stage(model: onnx.ModelProto, shared: Sequence[SharedWeight], scorer: Scorer, data: EvalData,
+               metric: Metric, config: CompressConfig, *, baseline_full: float, loss_full: float) -> Emitted:
+    """Encode ``shared`` into ``model`` (the payload-free shell; the scorer's originals fill the
+    unshared weights), release the scorer, then check the written model: the ONNX checker, its
+    rebuilt weights bit for bit, its metric against the scorer's (``loss_full``) and the budget.
+
+    Raises:
+        VerificationError: any check fails.
+    """
+    encoded = encode_model(model, shared, opset=config.opset, values=scorer.originals)
+    scorer.close()  # its copy of the weights and sessions: the emitted model is measured on its own
+    check_model(encoded.model, "emitted model")
+    check_rebuilt_weights(encoded.model, shared)
+    value = evaluate_model(encoded.model, data, metric, device=config.device, batch_size=config.batch_size,
+                           reference=scorer)
+    scorer_value = value_after_loss(baseline_full, loss_full, config.loss_mode)
+    check_trusted(value, scorer_value)
+    loss = loss_between(baseline_full, value, config.loss_mode)
+    if not within_budget(loss, config.loss):
+        raise VerificationError(f"the emitted model loses {loss:.3f} {loss_unit(config.loss_mode)} > budget {config.loss:g}")
+    return Emitted(encoded, value, scorer_value, loss)
 
 
 def check_rebuilt_weights(model: onnx.ModelProto, shared: Sequence[SharedWeight]) -> None:

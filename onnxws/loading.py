@@ -1,4 +1,5 @@
-"""Load stage: read an ONNX file (external data included) with clear errors, write one atomically.
+"""Load stage: read an ONNX file (external data included) with clear errors, write one atomically;
+``load_stage`` gathers what a run starts from (model, data, metric, shareable tensors).
 
 Models over 2 GB are never serialised in one piece (onnxws.proto explains why): the checker, the
 hash and the writer work on a *light copy* whose large tensor payloads are replaced by
@@ -11,14 +12,30 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import TensorProto
 
-from onnxws.errors import InputError, one_line
-from onnxws.proto import PLACEHOLDER, SWAP_MIN_BYTES, fits_in_one_message, light_copy, payload_bytes, set_external, swap_raw
+from onnxws.config import CompressConfig
+from onnxws.data import EvalData, find_sidecar_data, load_data
+from onnxws.discovery import Discovery, constant_tensors, find_weights
+from onnxws.errors import InputError, NothingToShareError, one_line
+from onnxws.metrics import Metric, resolve_metric
+from onnxws.proto import (
+    PLACEHOLDER,
+    SWAP_MIN_BYTES,
+    fits_in_one_message,
+    light_copy,
+    message_bytes,
+    payload_bytes,
+    set_external,
+    swap_raw,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,3 +225,85 @@ def _write_external(model: onnx.ModelProto, data_path: Path, data_name: str, pat
     except EncodeError as exc:
         raise InputError(f"{path}: the model is over protobuf's 2 GB limit even with its initializers in {data_name} "
                          "(large Constant nodes or a huge graph); move large constants into initializers") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# What a run starts from
+
+
+@dataclass
+class Loaded:
+    """The load stage's result: the checked model (a copy), its data and metric, its shareable tensors.
+
+    Attributes:
+        proto: the model; the pipeline replaces it by its payload-free shell once the scorer
+            holds the weights.
+        model_path, data_path: the files they came from (None for in-memory inputs).
+        bytes_before: the model file's bytes with its external data (or the proto's size).
+        model_sha256: hash of the model as loaded (``model_sha256``).
+    """
+
+    proto: onnx.ModelProto
+    model_path: Path | None
+    data_path: str | None
+    bytes_before: int
+    model_sha256: str
+    data: EvalData
+    metric: Metric
+    discovery: Discovery
+
+
+def load_stage(model: str | Path | onnx.ModelProto,
+               data: str | Path | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None,
+               config: CompressConfig) -> Loaded:
+    """Load and check the model (a path or a ModelProto, never modified) and its evaluation data
+    (None: the sidecar ``<stem>.npz`` / ``eval.npz`` beside a model path), resolve the metric, and
+    find the shareable tensors.
+
+    Raises:
+        InputError: bad model, data or config patterns. NothingToShareError: no shareable tensor.
+    """
+    model_path: Path | None = None
+    if isinstance(model, (str, Path)):
+        model_path = Path(model)
+        proto = load_model(model_path)
+        bytes_before = model_file_bytes(model_path)
+    elif isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        check_model(proto)
+        bytes_before = message_bytes(proto)  # ByteSize() raises over 2 GB
+    else:
+        raise InputError(f"model must be a path or onnx.ModelProto, got {type(model).__name__}")
+    if data is None:
+        if model_path is None:
+            raise InputError("no evaluation data: pass data= (a .npz path, a dict of arrays or an iterable of batches)")
+        data = find_sidecar_data(model_path)
+    data_path = str(data) if isinstance(data, (str, Path)) else None
+    eval_data = load_data(data, proto)
+    metric = resolve_metric(config.metric, eval_data, proto, config.output)
+    tensors = constant_tensors(proto)
+    op_types = {node.op_type for node in proto.graph.node}
+    config.check_patterns(list(tensors), op_types)
+    del tensors  # sub-messages of proto: they would keep its memory alive once proto is replaced
+    discovery = find_weights(proto, config.settings_for)
+    if not discovery.weights:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in discovery.skipped[:3]) or "no float constant tensors"
+        raise NothingToShareError(f"the model has no shareable weight tensor ({reasons})")
+    return Loaded(proto, model_path, data_path, bytes_before, model_sha256(proto), eval_data, metric, discovery)
+
+
+def model_file_bytes(path: Path) -> int:
+    """Bytes of the model file plus its external data files (read from the file's references,
+    since a loaded proto has its external data inlined)."""
+    size = path.stat().st_size
+    seen = set()
+    shallow = onnx.load(str(path), load_external_data=False)
+    for tensor in onnx.external_data_helper._get_all_tensors(shallow):  # noqa: SLF001
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                data_file = path.parent / entry.value
+                if data_file.exists():
+                    size += data_file.stat().st_size
+    return size

@@ -16,7 +16,7 @@ import inspect
 import logging
 import math
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,21 @@ class Metric:
         """What the score cache keys on: name, output and, for custom metrics, a hash of the code."""
         code = getattr(self.fn, "code_hash", "")
         return f"{self.name}|{self.output or ''}|{code}"
+
+    def data_for(self, arrays: Mapping[str, np.ndarray], output_names: Sequence[str],
+                 reference: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The data ``fn`` is called with: ``arrays`` plus, when the metric needs them, the
+        uncompressed model's outputs (``reference``, in model-output order) under ``reference_key``.
+
+        Raises:
+            InputError: the metric needs reference outputs and none were given.
+        """
+        data = dict(arrays)
+        if self.needs_reference:
+            if reference is None:
+                raise InputError(f"metric {self.name} compares with the uncompressed model: pass its outputs as reference")
+            data.update({reference_key(n): r for n, r in zip(output_names, reference)})
+        return data
 
 
 def _as_logits(out: np.ndarray, output_name: str) -> np.ndarray:

@@ -1,338 +1,165 @@
-"""Report stage: report.json (stable keys), a self-contained report.html with embedded plots,
-the plot PNGs and the resolved config.toml. The only library module that renders for people."""
+"""Report stage: the report of a run (``report.json``'s dict) built from the stages' results.
+
+Every figure in it comes from a stage result: the load stage (model, data, metric), the cluster
+stage (candidates, refinement), the search context (everything scored), the uniform baseline, the
+search stage (verification, subset growth) and the emit stage (the written model, re-measured).
+``onnxws.report_html`` draws and writes it.
+"""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import json
-import math
-from pathlib import Path
-from typing import Any
+import datetime as _dt
+import platform
 
-import matplotlib
+import numpy as np
+import onnx
+import onnxruntime
 
-matplotlib.use("Agg")
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-
-from onnxws.atomic import write_atomic  # noqa: E402
-from onnxws.exploration import within_budget  # noqa: E402
-
-_PNG_META = {"Software": None}
-
-
-# -- JSON ----------------------------------------------------------------------------------
-def _clean(value: Any) -> Any:
-    """NaN/inf -> None, tuples -> lists, numpy scalars -> Python (JSON without NaN)."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+from onnxws import __version__
+from onnxws.candidates import Candidates, dtype_bits
+from onnxws.config import CompressConfig
+from onnxws.emit_check import Emitted
+from onnxws.exploration import SearchContext, loss_unit, value_after_loss, within_budget
+from onnxws.loading import Loaded
+from onnxws.proto import default_opset, message_bytes, model_weight_bytes
+from onnxws.refinement import Plan
+from onnxws.scoring import Scorer
+from onnxws.sharing import index_bits
+from onnxws.uniform import UniformBaseline
+from onnxws.verification import EDGE_MIN_PROBABILITY, Searched
 
 
-def write_report(report: dict, out_dir: Path, *, config_toml: str | None = None) -> dict[str, Path]:
-    """Write report.json, report.html, pareto.png, sensitivity.png (and config.toml) atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean = _clean(report)
-    images = {"pareto": plot_pareto(clean), "sensitivity": plot_sensitivity(clean)}
-    paths = {"json": out_dir / "report.json", "html": out_dir / "report.html",
-             "pareto_png": out_dir / "pareto.png", "sensitivity_png": out_dir / "sensitivity.png"}
-    write_atomic(paths["pareto_png"], images["pareto"])
-    write_atomic(paths["sensitivity_png"], images["sensitivity"])
-    if config_toml is not None:
-        paths["config"] = out_dir / "config.toml"
-        write_atomic(paths["config"], config_toml.encode())
-    write_atomic(paths["html"], render_html(clean, images).encode())
-    write_atomic(paths["json"], (json.dumps(clean, indent=2, allow_nan=False) + "\n").encode())
-    return paths
+def versions() -> dict[str, str]:
+    """The versions a run's output bytes depend on (compare them across machines)."""
+    return {"onnxws": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
 
 
-# -- plots ---------------------------------------------------------------------------------
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata=_PNG_META, bbox_inches="tight")
-    return buf.getvalue()
+def build_report(loaded: Loaded, scorer: Scorer, ctx: SearchContext, config: CompressConfig, candidates: Candidates,
+                 refine_plan: Plan, uniform: UniformBaseline, searched: Searched, emitted: Emitted,
+                 timings: dict[str, float]) -> dict:
+    """The report dict (``report.json``) of one run."""
+    proto, discovery, eval_data = loaded.proto, loaded.discovery, loaded.data
+    shares, output_errors, refined_rows = candidates.shares, candidates.output_errors, candidates.refined_rows
+    verification, proxy_stats, growth = searched.verification, searched.proxy_stats, searched.growth
+    chosen, outcome = verification.chosen, verification.outcome
+    encoded = emitted.encoded
+    bytes_before = loaded.bytes_before
+    mode = config.loss_mode
+    unit = loss_unit(mode)
+    info_by_name = {w.name: w for w in discovery.weights}
+    layer_by_name = {layer.name: layer for layer in ctx.layers}
+    enc_by_name = {t.name: t for t in encoded.tensors}
 
+    shared_full_bits = sum(layer_by_name[n].full_bits for n in chosen)
+    shared_stored_bits = sum(layer_by_name[n].option(k).size_bits for n, k in chosen.items())
+    ratio_shared = shared_full_bits / max(shared_stored_bits, 1)
+    all_bits = 8 * model_weight_bytes(proto)
+    ratio_whole = all_bits / max(all_bits - shared_full_bits + shared_stored_bits, 1)
+    weight_bytes_after = model_weight_bytes(encoded.model)
+    packing = (all_bits / 8 / max(weight_bytes_after, 1)) / ratio_whole
+    bytes_after = message_bytes(encoded.model)
+    stored_total = sum(t.stored_bytes for t in encoded.tensors) or 1
 
-def _unit(report: dict) -> str:
-    return "pp" if report.get("final", {}).get("loss_unit", "pp") == "pp" else "% of baseline"
-
-
-def plot_pareto(report: dict) -> bytes:
-    """Explored tuples: loss (predicted hollow, measured filled) vs CR; front, budget, choice, uniform."""
-    fig = Figure(figsize=(7.5, 4.6))
-    ax = fig.add_subplot()
-    exploration = report.get("exploration", {})
-    explored = [e for e in exploration.get("explored", []) if e.get("subset") == "search" and len(e.get("k", {})) > 1]
-    measured = [(e["ratio"], e["loss_measured"]) for e in explored if e.get("loss_measured") is not None]
-    predicted = [(e["ratio"], e["loss_predicted"], e.get("loss_measured")) for e in explored if e.get("loss_predicted") is not None]
-    for ratio, pred, meas in predicted:
-        if meas is not None:
-            ax.plot([ratio, ratio], [pred, meas], color="#9aa5b1", lw=0.8, zorder=1)
-    if predicted:
-        ax.scatter([p[0] for p in predicted], [p[1] for p in predicted], facecolors="none", edgecolors="#3b82f6",
-                   s=36, label="predicted loss", zorder=2)
-    if measured:
-        ax.scatter([m[0] for m in measured], [m[1] for m in measured], color="#1d4ed8", s=18,
-                   label="measured loss (search subset)", zorder=3)
-    front = sorted((p["ratio"], p["loss_predicted"]) for p in exploration.get("pareto", []) if p.get("loss_predicted") is not None)
-    if front:
-        ax.step([f[0] for f in front], [f[1] for f in front], where="post", color="#60a5fa", lw=1, label="predicted front")
-    budget = report.get("budget", {}).get("loss")
-    if budget is not None:
-        ax.axhline(budget, color="#dc2626", ls="--", lw=1, label=f"budget {budget:g} {_unit(report)}")
-    comp, final = report.get("compression", {}), report.get("final", {})
-    if comp.get("ratio_theoretical") and final.get("loss") is not None:
-        ax.scatter([comp["ratio_theoretical"]], [final["loss"]], marker="*", s=220, color="#16a34a", zorder=5,
-                   label="chosen (full set)")
-        ax.annotate(f"{comp['ratio_theoretical']:.1f}x, {final['loss']:.2f}", (comp["ratio_theoretical"], final["loss"]),
-                    textcoords="offset points", xytext=(8, 6), fontsize=9)
-    uniform = report.get("uniform_baseline")
-    if uniform and uniform.get("ratio_theoretical"):
-        ax.scatter([uniform["ratio_theoretical"]], [uniform["loss"]], marker="s", s=60, color="#f59e0b", zorder=4,
-                   label="uniform k (full set)")
-        ax.annotate(f"uniform k={uniform['k']}", (uniform["ratio_theoretical"], uniform["loss"]),
-                    textcoords="offset points", xytext=(8, -12), fontsize=9)
-    values = [m[1] for m in measured] + [p[1] for p in predicted] + ([budget] if budget else [])
-    if values:
-        top = max(3 * (budget or 1.0), 1e-3)
-        ax.set_ylim(min(min(values), 0) - 0.05 * top, top)
-    ax.set_xscale("log")
-    times = FuncFormatter(lambda value, _: f"{value:g}x")
-    ax.xaxis.set_major_formatter(times)
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}x" if f"{value:g}"[0] in "235" else ""))
-    ax.set_xlabel("compression ratio over shared tensors (theoretical)")
-    ax.set_ylabel(f"accuracy loss ({_unit(report)})")
-    name = Path(report.get("model", {}).get("path") or "model").name
-    ax.set_title(f"{name}: explored tuples")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    return _png(fig)
-
-
-def plot_sensitivity(report: dict) -> bytes:
-    """Loss of each layer shared alone vs index bits (measured solid markers, proxy hollow)."""
-    fig = Figure(figsize=(7.5, 4.2))
-    ax = fig.add_subplot()
-    for layer in report.get("layers", []):
-        points = [(c["bits"], c["loss"], c.get("source")) for c in layer.get("candidates", []) if c.get("loss") is not None]
-        if not points:
-            continue
-        points.sort()
-        line, = ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2, label=layer["name"][:40])
-        proxy = [p for p in points if p[2] == "proxy"]
-        if proxy:
-            ax.scatter([p[0] for p in proxy], [p[1] for p in proxy], facecolors="none", edgecolors=line.get_color(), s=25)
-        meas = [p for p in points if p[2] != "proxy"]
-        ax.scatter([p[0] for p in meas], [p[1] for p in meas], color=line.get_color(), s=14)
-    budget = report.get("budget", {}).get("loss")
-    if budget is not None:
-        ax.axhline(budget, color="#dc2626", ls="--", lw=1, label="budget")
-    ax.set_yscale("symlog", linthresh=max(budget or 1.0, 1e-3) / 4)
-    ax.set_xlabel("index bits (k = 2^bits)")
-    ax.set_ylabel(f"loss alone ({_unit(report)})")
-    ax.set_title("Layer sensitivity (hollow: proxy estimate, not scored)")
-    ax.grid(True, alpha=0.3)
-    if len(report.get("layers", [])) <= 12:
-        ax.legend(fontsize=7, loc="upper right")
-    return _png(fig)
-
-
-# -- HTML ----------------------------------------------------------------------------------
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.2f}%"
-
-
-def _num(v: Any, spec: str = ".3f") -> str:
-    return "–" if v is None else format(v, spec) if isinstance(v, (int, float)) else html.escape(str(v))
-
-
-def summary_rows(report: dict) -> list[tuple[str, str]]:
-    """Key figures as (label, value) pairs, for the terminal and the HTML card."""
-    b, f, c, e = report["baseline"], report["final"], report["compression"], report["exploration"]
-    unit = "pp" if f["loss_unit"] == "pp" else "% of baseline"
-    rows = [
-        ("Metric", report["metric"]),
-        ("Baseline -> final (full set)", f"{_pct(b['value'])} -> {_pct(f['value'])}"),
-        ("Accuracy loss", f"{f['loss']:.3f} {unit} (budget {report['budget']['loss']:g} {unit})"),
-        ("CR, shared tensors (theoretical)", f"{c['ratio_theoretical']:.2f}x"),
-        ("CR, whole model (theoretical)", f"{c['ratio_whole_theoretical']:.2f}x"),
-        ("File ratio (bytes in / bytes out)", f"{c['ratio_file']:.2f}x ({_bytes(c['bytes_before'])} -> {_bytes(c['bytes_after'])})"),
-        ("Packing efficiency", f"{c['packing_efficiency']:.3f}"),
-        ("Scorings (run / cached)", f"{e['scorings']} ({e['scorings_run']} / {e['scorings_cached']})"),
-        ("Time", f"{e['seconds'].get('total', 0):.1f} s on {report['device']}"),
-        ("Stopped by", e["stopped_by"]),
-    ]
-    u = report.get("uniform_baseline")
-    if u:
-        rows.insert(4, ("Uniform k baseline", f"k={u['k']}: {u['ratio_theoretical']:.2f}x at {u['loss']:.3f} {unit}"))
-    return rows
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f5f7fa;color:#1f2933}
-main{max-width:1100px;margin:0 auto;padding:24px}
-h1{font-size:1.5rem;margin:0 0 4px} h2{font-size:1.15rem;margin:28px 0 10px}
-.sub{color:#616e7c;margin-bottom:18px}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(190px,1fr));gap:12px}
-.card{background:#fff;border-radius:10px;padding:14px 16px;box-shadow:0 1px 3px rgba(0,0,0,.08)}
-.card .label{font-size:.78rem;color:#616e7c;text-transform:uppercase;letter-spacing:.03em}
-.card .value{font-size:1.35rem;font-weight:600;margin-top:4px}
-.card .note{font-size:.8rem;color:#7b8794;margin-top:2px}
-.compare{background:#fff;border-left:4px solid #16a34a;padding:10px 14px;border-radius:6px;margin-top:14px}
-table{border-collapse:collapse;width:100%;background:#fff;border-radius:8px;overflow:hidden;font-size:.86rem}
-th,td{padding:6px 9px;text-align:left;border-bottom:1px solid #e4e7eb;vertical-align:top}
-th{background:#e4e7eb;font-weight:600} tr:nth-child(even) td{background:#fafbfc}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-.bar{display:inline-block;height:9px;background:#3b82f6;border-radius:3px;vertical-align:middle;margin-right:6px}
-img{max-width:100%;background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08)}
-.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:14px}
-details{margin-top:10px} code{background:#e4e7eb;padding:1px 4px;border-radius:3px}
-.defs{font-size:.85rem;color:#52606d}
-"""
-
-
-def _tuple_text(tup: dict[str, int]) -> str:
-    return ", ".join(f"{name}={k}" for name, k in tup.items())
-
-
-def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
-                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def render_html(report: dict, images: dict[str, bytes]) -> str:
-    """One self-contained HTML page (inline CSS, plots as data URIs)."""
-    esc = html.escape
-    b, f, c, e = report["baseline"], report["final"], report["compression"], report["exploration"]
-    unit = "pp" if f["loss_unit"] == "pp" else "% of baseline"
-    name = Path(report.get("model", {}).get("path") or "model").name
-    cards = [
-        ("Accuracy", f"{_pct(b['value'])} → {_pct(f['value'])}", f"{esc(report['metric'])}, full set ({report['data']['n_full']} samples)"),
-        ("Loss", f"{f['loss']:.3f} {unit}", f"budget {report['budget']['loss']:g} {unit}; search subset {_num(f.get('loss_search'))}"),
-        ("CR shared tensors", f"{c['ratio_theoretical']:.2f}×", "theoretical, DESIGN.md definition"),
-        ("CR whole model", f"{c['ratio_whole_theoretical']:.2f}×", "theoretical, unshared tensors at full size"),
-        ("File ratio", f"{c['ratio_file']:.2f}×", f"{_bytes(c['bytes_before'])} → {_bytes(c['bytes_after'])}"),
-        ("Packing efficiency", f"{c['packing_efficiency']:.3f}", f"graph overhead {_bytes(c.get('graph_overhead_bytes'))}"),
-        ("Scorings", f"{e['scorings']}", f"{e['scorings_run']} run, {e['scorings_cached']} cached"),
-        ("Time", f"{e['seconds'].get('total', 0):.1f} s", f"{esc(report['device'])}, stopped by {esc(e['stopped_by'])}"),
-    ]
-    card_html = "".join(f'<div class="card"><div class="label">{esc(l)}</div><div class="value">{v}</div>'
-                        f'<div class="note">{n}</div></div>' for l, v, n in cards)
-    u = report.get("uniform_baseline")
-    compare = (f"<b>Uniform k={u['k']}</b> (same k for every layer): {u['ratio_theoretical']:.2f}× at {u['loss']:.3f} {unit} "
-               f"&nbsp;·&nbsp; <b>onnxws per-layer</b>: {c['ratio_theoretical']:.2f}× at {f['loss']:.3f} {unit} "
-               f"({c['ratio_theoretical'] / u['ratio_theoretical']:.2f}× more compression)") if u else \
-        "No uniform k fits the budget; the per-layer solution is the only one within it."
-    layer_rows = []
-    for layer in report.get("layers", []):
-        share = layer.get("share_of_size")
-        bar = f'<span class="bar" style="width:{max(2, int(120 * share))}px"></span>{100 * share:.1f}%' if share else "–"
-        layer_rows.append([esc(layer["name"]), esc(layer["op_type"]), esc("×".join(map(str, layer["shape"]))),
-                           f"{layer['params']:,}", _num(layer.get("k"), "d"), _num(layer.get("bits"), "d"),
-                           esc(str(layer.get("index_dtype"))), esc(str(layer.get("granularity") or "–")),
-                           "yes" if layer.get("refined") else esc(f"no: {layer.get('refine_reason') or '–'}"),
-                           esc(f"yes ({layer['bias']})") if layer.get("bias_corrected")
-                           else esc(f"no: {layer.get('bias_reason') or '–'}"),
-                           _num(layer.get("loss_alone")), _bytes(layer.get("stored_bytes")), bar])
-    layers_html = _table(["tensor", "op", "shape", "params", "k", "bits", "index type", "granularity", "refined",
-                          "bias corrected", f"loss alone ({unit})", "stored", "share of size"], layer_rows, {3, 4, 5, 10, 11})
-    refinement = report.get("refinement") or {}
-    refine_html = (f"<p>Output-aware refinement: {len(refinement.get('refined', []))} of {len(report.get('layers', []))} shared "
-                   "tensors refined against their layer's input moments measured on the search subset (indices chosen "
-                   "with error feedback, codebook refitted by least squares; a candidate keeps its k-means form unless "
-                   "that lowers its output error). "
-                   f"{len(refinement.get('bias_corrected') or {})} of them with their own bias corrected for the mean "
-                   "shift of their outputs on the same inputs.</p>") if refinement.get("enabled") else \
-        "<p>Output-aware refinement off: candidates are plain k-means.</p>"
-    img = {k: base64.b64encode(v).decode() for k, v in images.items()}
-    pred = e.get("predictor")
-    pred_html = "<p>No predictor for this strategy.</p>"
-    if pred:
-        rows = [[esc(n), f"{a:.3f}"] for n, a in pred.get("alphas", {}).items()]
-        by_model = pred.get("loo_mae_by_model") or {}
-        chosen = (f" Chosen by leave-one-out error on the scored tuples: divergence {_num(by_model.get('divergence'))}, "
-                  f"additive {_num(by_model.get('additive'))} {unit}.") if by_model else ""
-        if pred.get("model") == "divergence":
-            pred_html = (f"<p>AL(tuple) = g(Σ α<sub>i</sub>·D<sub>i</sub>(k<sub>i</sub>)): D<sub>i</sub> is the output divergence of layer i "
-                         f"shared alone, α fitted on {pred.get('n_fit')} scored tuples ({pred.get('n_random')} random near the budget, "
-                         f"the rest from active refinement; R² of the divergence sum = {_num(pred.get('r2'))}), g a monotone map "
-                         f"from divergence to loss fitted on {pred.get('link_points')} scored points; mean error on the scored "
-                         f"tuples {_num(pred.get('loss_mae'))} {unit}.{chosen}</p>")
-        else:
-            pred_html = (f"<p>AL(tuple) = Σ α<sub>i</sub>·AL<sub>i</sub>(k<sub>i</sub>) (the paper's predictor), fitted on {pred.get('n_fit')} scored tuples "
-                         f"({pred.get('n_random')} random near the budget, the rest from active refinement); "
-                         f"R² = {_num(pred.get('r2'))}, leave-one-out MAE = {_num(pred.get('loo_mae'))} {unit}.{chosen}</p>")
-        pred_html += _table(["tensor", "α"], rows, {1})
-    proxy = e.get("proxy") or {}
-    proxy_html = (f"<p>Score-free proxy (output error of refined layers, clustering error of the others) vs measured layer loss: mean Spearman ρ = {_num(proxy.get('spearman'))}; "
-                  f"{proxy.get('estimated_points', 0)} layer/width points estimated by the proxy instead of scored.</p>")
-    seconds = e.get("seconds", {})
-    time_rows = [[esc(k), f"{v:.2f}"] for k, v in seconds.items()]
-    stage_rows = [[esc(k), str(v)] for k, v in e.get("scorings_by_stage", {}).items()]
-    explored_rows = [[esc(_tuple_text(x["k"])), f"{x['ratio']:.2f}", _num(x.get("loss_predicted")),
-                      _num(x.get("loss_measured")), esc(x["stage"]), esc(x["subset"])] for x in e.get("explored", [])]
-    verify_rows = [[esc(_tuple_text(x["k"])), _num(x.get("loss_search")), _num(x.get("loss_full")),
-                    "yes" if within_budget(x["loss_full"], report["budget"]["loss"]) else "no", esc(x.get("phase", "verify"))]
-                   for x in e.get("verification", [])]
-    edge = e.get("edge_push") or {}
-    edge_html = (f"<p>Edge push: with loss to spare on the full set, up to {edge.get('max_tries')} tuples that measured up to "
-                 f"{_num(edge.get('search_target'))} {unit} on the search subset (a chance of at least "
-                 f"{100 * edge.get('min_probability', 0):.0f}% to hold on the full set, from the subset's sampling error) "
-                 f"were verified: {edge.get('tries')} tried.</p>") if edge.get("search_target") is not None else ""
-    growth_html = "".join(
-        f"<p>Search subset grown from {g['from_samples']} to {g['to_samples']} samples: {g['misses']} tuple(s) within budget on it "
-        f"missed on the full set, and the verified answer ({_num(g.get('verified_ratio'), '.2f')}x) was below {100 * g.get('threshold', 0.9):.0f}% of what it had promised "
-        f"({g['promised_ratio']:.2f}x); the layer stage, the network stage and the verification ran again on the larger subset "
-        f"(losses on the smaller one are listed under subset <code>search_{g['from_samples']}</code>)"
-        + (f"; the layer stage started {g['layer_walks_from_earlier_edge']} layer walk(s) at the edge found on the smaller subset "
-           f"and scored {g['layer_scorings']} tuple(s)" if "layer_scorings" in g else "") + ".</p>"
-        for g in e.get("search_subset_growth", []))
-    skipped_rows = [[esc(s["name"]), esc(s["reason"])] for s in report.get("skipped", [])]
-    notes = "".join(f"<li>{esc(n)}</li>" for n in report.get("encoding", {}).get("notes", [])) or "<li>none</li>"
-    versions = ", ".join(f"{esc(k)} {esc(str(v))}" for k, v in report.get("versions", {}).items())
-    config = esc(json.dumps(report.get("config", {}), indent=2))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>onnxws report: {esc(name)}</title><style>{_CSS}</style></head>
-<body><main>
-<h1>onnxws report: {esc(name)}</h1>
-<div class="sub">{esc(report.get('created', ''))} · strategy <code>{esc(e['strategy'])}</code> · budget {report['budget']['loss']:g} {unit} ({esc(report['budget']['mode'])})</div>
-<div class="cards">{card_html}</div>
-<div class="compare">{compare}</div>
-<h2>Layers</h2>{refine_html}{layers_html}
-<h2>Exploration</h2>
-<div class="plots"><img alt="Pareto plot" src="data:image/png;base64,{img['pareto']}"><img alt="Layer sensitivity plot" src="data:image/png;base64,{img['sensitivity']}"></div>
-<h2>Predictor</h2>{pred_html}{proxy_html}
-<h2>Time and scorings per stage</h2>
-<div class="plots">{_table(["stage", "seconds"], time_rows, {1})}{_table(["stage", "scorings"], stage_rows, {1})}</div>
-<h2>Full-set verification</h2>{_table(["k per tensor", f"loss search ({unit})", f"loss full ({unit})", "within budget", "phase"], verify_rows, {1, 2})}{edge_html}{growth_html}
-<details><summary>All {len(explored_rows)} evaluated tuples</summary>{_table(["k per tensor", "CR", "loss predicted", "loss measured", "stage", "subset"], explored_rows, {1, 2, 3})}</details>
-<h2>Skipped tensors</h2>{_table(["tensor", "reason"], skipped_rows) if skipped_rows else "<p>None.</p>"}
-<h2>Encoding</h2><p>Output opset {report.get('encoding', {}).get('opset')}.</p><ul>{notes}</ul>
-<h2>Settings and versions</h2><p>{versions}</p><details><summary>Resolved configuration</summary><pre>{config}</pre></details>
-<p class="defs">Definitions: CR = Σ 32·n<sub>i</sub> / Σ (n<sub>i</sub>·b<sub>i</sub> + 32·k<sub>i</sub>) over the shared tensors (16 for fp16 weights; every codebook counted);
-the whole-model CR counts unshared tensors at full size; the file ratio is bytes of the input file / bytes of the output file.
-Accuracy loss (AL) = baseline − final, in {unit}. Final figures are measured on the emitted ONNX file in ONNX Runtime on the full evaluation set.</p>
-</main></body></html>
-"""
+    corrected = {name: bias.name for name, bias in refine_plan.biases.items() if name in output_errors}
+    layers = []
+    for layer in ctx.layers:
+        info = info_by_name[layer.name]
+        k = chosen.get(layer.name)
+        enc = enc_by_name.get(layer.name)
+        granularity = str(shares[layer.name][k].granularity) if k else None
+        errors = output_errors.get(layer.name, {})
+        errors = errors.get(granularity) or next(iter(errors.values()), {})
+        candidates = [{"k": opt.k, "bits": opt.bits, "loss": layer.loss_alone.get(opt.k),
+                       "output_error": errors.get(opt.k),
+                       "divergence": layer.divergence_alone.get(opt.k),
+                       "source": layer.loss_source.get(opt.k), "candidate": opt.k in layer.candidates}
+                      for opt in layer.options]
+        layers.append({
+            "name": layer.name, "op_type": info.op_type, "shape": list(info.shape), "params": info.params,
+            "dtype": info.dtype, "source": info.source,
+            "k": k, "bits": index_bits(k) if k else None,
+            "index_dtype": enc.index_dtype if enc else "unshared",
+            "granularity": granularity,
+            "refined": layer.name in output_errors, "refine_reason": refine_plan.reasons.get(layer.name),
+            "bias_corrected": layer.name in corrected, "bias": corrected.get(layer.name),
+            "bias_reason": None if layer.name in corrected else refine_plan.bias_reasons.get(layer.name, refine_plan.reasons.get(layer.name)),
+            "n_codebooks": shares[layer.name][k].n_codebooks if k else None,
+            "loss_alone": layer.loss_alone.get(k) if k else None,
+            "stored_bytes": enc.stored_bytes if enc else info.params * dtype_bits(info.dtype) // 8,
+            "share_of_size": (enc.stored_bytes / stored_total) if enc else None,
+            "candidates": candidates,
+        })
+    uniform_report = None
+    if uniform.tuple is not None and uniform.loss_full is not None:
+        ks = sorted(set(uniform.tuple.values()))
+        uniform_report = {
+            "k": ks[0] if len(ks) == 1 else max(ks), "bits": index_bits(max(ks)),
+            "ratio_theoretical": ctx.ratio(uniform.tuple), "loss": uniform.loss_full,
+            "loss_search": ctx.known(uniform.tuple), "within_budget": within_budget(uniform.loss_full, config.loss),
+            "value": value_after_loss(ctx.baseline["full"], uniform.loss_full, mode) if mode == "absolute" else None,
+            "tried": {str(k): v for k, v in uniform.tried.items()},
+        }
+    pareto = [{"k": tup, "ratio": ratio, "loss_predicted": pred, "loss_measured": ctx.known(tup)}
+              for tup, ratio, pred in (outcome.front if outcome else [])]
+    explored = [{"k": e.k, "ratio": e.ratio, "loss_predicted": e.loss_predicted, "loss_measured": e.loss_measured,
+                 "divergence": e.divergence, "stage": e.stage, "subset": e.subset} for e in ctx.explored]
+    report = {
+        "onnxws_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model": {"path": str(loaded.model_path) if loaded.model_path else None, "sha256": loaded.model_sha256,
+                  "opset": default_opset(proto), "params_total": int(all_bits // 32),
+                  "params_shared": int(sum(info_by_name[n].params for n in chosen))},
+        "data": {"path": loaded.data_path, "n_full": scorer.n_full, "n_search": scorer.n_search,
+                 "fingerprint": eval_data.fingerprint()},
+        "metric": loaded.metric.name,
+        "device": scorer.provider,
+        "engine": scorer.engine,
+        "budget": {"loss": config.loss, "mode": mode, "unit": unit},
+        "baseline": {"value": ctx.baseline["full"], "value_search": ctx.baseline["search"]},
+        "final": {"value": emitted.value,
+                  "value_search": None if ctx.known(chosen) is None else value_after_loss(ctx.baseline["search"], ctx.known(chosen), mode),
+                  "loss": emitted.loss, "loss_unit": unit, "loss_search": ctx.known(chosen),
+                  "value_scorer_full": emitted.scorer_value, "k": dict(chosen)},
+        "compression": {"ratio_theoretical": ratio_shared, "ratio_whole_theoretical": ratio_whole,
+                        "ratio_file": bytes_before / max(bytes_after, 1), "packing_efficiency": packing,
+                        "bytes_before": int(bytes_before), "bytes_after": int(bytes_after),
+                        "weight_bytes_before": int(all_bits // 8), "weight_bytes_after": int(weight_bytes_after),
+                        "graph_overhead_bytes": int(bytes_after - weight_bytes_after)},
+        "refinement": {"enabled": config.refine, "refined": sorted(output_errors),
+                       "input_vectors": dict(sorted(refined_rows.items())),
+                       "not_refined": [{"name": n, "reason": r} for n, r in refine_plan.reasons.items()],
+                       "bias_correction": config.refine and config.bias_correction,
+                       "bias_corrected": dict(sorted(corrected.items())),
+                       "bias_not_corrected": [{"name": n, "reason": r} for n, r in refine_plan.bias_reasons.items()
+                                              if n in output_errors]},
+        "uniform_baseline": uniform_report,
+        "layers": layers,
+        "skipped": [{"name": s.name, "reason": s.reason, "op_type": s.op_type, "shape": list(s.shape),
+                     "params": s.params, "dtype": s.dtype} for s in discovery.skipped],
+        "exploration": {
+            "strategy": config.strategy,
+            "scorings": ctx.scorings,
+            "scorings_run": int(scorer.scorings_run),
+            "scorings_cached": int(scorer.scorings_cached),
+            "scorings_by_stage": dict(ctx.scorings_by_stage),
+            "seconds": {k: round(v, 4) for k, v in timings.items()},
+            "stopped_by": ctx.stopped_by,
+            "predictor": outcome.predictor if outcome else None,
+            "proxy": proxy_stats,
+            "search_target": ctx.target,
+            "verification": [{"k": t, "loss_search": s, "loss_full": f, "phase": phase}
+                             for t, s, f, _, phase in verification.log],
+            "search_subset_growth": growth,
+            "edge_push": {"search_target": verification.edge_target, "min_probability": EDGE_MIN_PROBABILITY,
+                          "tries": sum(1 for entry in verification.log if entry[4] == "edge"),
+                          "max_tries": config.edge_tries},
+            "pareto": pareto,
+            "explored": explored,
+            "chosen": {"k": dict(chosen), "ratio": ratio_shared},
+        },
+        "encoding": {"opset": encoded.opset, "notes": list(encoded.notes)},
+        "config": config.to_dict(),
+        "versions": versions(),
+    }
+    return report

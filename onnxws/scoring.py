@@ -1,31 +1,11 @@
-"""Scoring engine (the hot loop): the metric of the model with candidate weights, in ONNX Runtime.
+"""Scoring (the hot loop): ``Scorer``, the metric of the model with candidate weights, in ONNX Runtime.
 
-Exploration only calls ``Scorer.score(candidates, subset)``; a process pool or Ray actors
-can implement that one call later (DESIGN.md, Scale-out).
-
-Two engines, picked per model by a measurement at start (``engine="auto"``):
-
-- ``session``: one weights-free model whose weights are marked as external data; each
-  candidate gets a fresh ``InferenceSession`` with its weights passed by
-  ``SessionOptions.add_external_initializers`` (zero-copy OrtValues) at full graph
-  optimisation, so its forward runs as fast as the original model's. All these sessions
-  allocate from one process-wide CPU arena (``session.use_env_allocators``): without it
-  every fresh session page-faults its activation buffers in again, which cost more than
-  the forward itself (LeNet-5, 2,000 images, 2 threads: 85 ms per candidate vs a 22 ms
-  forward; 27 ms with the shared arena).
-- ``inputs``: weights turned into graph inputs of one session and fed with every run: no
-  per-candidate setup, but the forward loses the constant-weight optimisations
-  (pre-packing, NCHWc layouts): measured 1.2-1.3x slower on LeNet-5, 1.5x on ResNet-50,
-  2x on MobileNetV2. It wins only when a candidate is scored on very few samples.
-
-Suffix runs (session engine): a candidate that changes a single weight (the layer stage)
-leaves every node upstream of that weight unchanged. Those nodes run once per weight and
-subset with the original weights; their activations at the cut are kept (up to
-``activation_budget`` bytes, first come first kept) and each candidate runs only the
-nodes downstream. LeNet-5 layer-stage candidates cost 0.35x a plain forward this way.
-
-Figures: ``tools/bench_scoring.py``. ``SessionOptions.add_initializer`` is never used: with
-graph optimisations on it silently keeps the original weights (NOTES.md).
+The search stages only call ``Scorer.score(candidates, subset)`` (or ``score_with_divergence``):
+the metric of each candidate on the search subset or the full set, memoised in memory and in
+the persistent score cache. How a candidate runs is ``onnxws.engines``: the engine is picked
+per model by a measurement at start (``engine="auto"``), and a candidate that changes a single
+weight runs only the nodes downstream of it, from prefix activations kept per weight and
+subset (up to ``activation_budget`` bytes, first come first kept).
 """
 
 from __future__ import annotations
@@ -36,35 +16,24 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from google.protobuf.message import EncodeError
-from onnx import helper, numpy_helper
 
 from onnxws.cache import ScoreCache
-from onnxws.data import EvalData, model_inputs
+from onnxws.data import Batch, EvalData, concat_outputs, default_batch_size, fixed_batch, plan_batches
+from onnxws.engines import Cut, InputsEngine, SessionEngine, plan_cut, prefix_model, prepare, producer_model, suffix_model
 from onnxws.errors import InputError, OnnxwsError, UsageError, one_line
-from onnxws.proto import copy_tensor_header, fits_in_one_message, graph_shell, node_refs, payload_bytes, set_external
-from onnxws.runtime import CUDA, create_session, ortvalue, resolve_providers, shared_cpu_arena
-from onnxws.metrics import Metric, output_divergence, reference_key, squared_sum
+from onnxws.executors import Executor, LocalExecutor, Measurement
+from onnxws.runtime import CUDA, resolve_providers, shared_cpu_arena
+from onnxws.metrics import Metric, output_divergence, squared_sum
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "session", "inputs")
 SUBSETS = ("search", "full")
-DEFAULT_BATCH = 1000
-"""Largest default batch (samples per run)."""
-BATCH_INPUT_BYTES = 16 * 2**20
-"""Default batches hold at most this many bytes of input (ImageNet fp32: 27 images), so memory stays bounded."""
 ACTIVATION_BUDGET = 1 << 30
 """Default bytes of prefix activations kept for suffix runs (all cuts and subsets together)."""
-EXTERNAL_MIN_BYTES = 4096
-"""Non-weight initializers at least this large are also passed as in-memory external data, so
-the per-candidate model bytes that ORT parses stay small."""
-_EXTERNAL_LOCATION = "onnxws-in-memory"
 _DIVERGENCE_KEY = "|divergence"  # the cache row of a candidate's output divergence: its key + this
 _SPREAD_KEY = "|spread"  # ... and of its per-sample outcome spread (built-in metrics)
 # Candidates at least this large are hashed one array per thread (hashlib releases the GIL):
@@ -75,332 +44,6 @@ _PARALLEL_HASH_BYTES = 16 * 2**20
 _CREATE_FRACTION_SURE = 0.05
 # The inputs engine must beat the session engine by this factor to be picked.
 _INPUTS_MARGIN = 0.8
-
-
-# --------------------------------------------------------------------------------------------
-# Model preparation
-
-
-@dataclass
-class _Prepared:
-    """The model split into a small proto and its big tensors.
-
-    ``model`` has every weight (and every initializer of at least EXTERNAL_MIN_BYTES) marked
-    as external data; their values are in ``stored``. ``Constant`` nodes that produce a
-    weight became initializers.
-    """
-
-    model: onnx.ModelProto
-    stored: dict[str, np.ndarray]
-    weights: list[str]
-    digest: str  # SHA-256 of the model: structure + every stored tensor
-
-
-def _constant_value(node: onnx.NodeProto) -> np.ndarray:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.array(list(attr.floats), dtype=np.float32)
-        if attr.name == "value_int":
-            return np.array(attr.i, dtype=np.int64)
-        if attr.name == "value_ints":
-            return np.array(list(attr.ints), dtype=np.int64)
-    raise InputError(f"Constant node {node.name or node.output[0]!r} has no tensor value onnxws can read")
-
-
-def _prepare(model: onnx.ModelProto, weights: list[str]) -> _Prepared:
-    """Split ``model`` into a payload-free proto and its stored tensors (one copy of their values).
-
-    The proto is built field by field: copying the whole model and clearing the payloads
-    afterwards would keep them alive, because the upb backend frees a message's memory only with
-    the whole message (measured: a 512 MB initializer, CopyFrom then ClearField: +512 MB RSS).
-    """
-    wanted = set(weights)
-    graph = model.graph
-
-    def is_weight_constant(node: onnx.NodeProto) -> bool:
-        return node.op_type == "Constant" and node.domain in ("", "ai.onnx") and bool(node.output) and node.output[0] in wanted
-
-    # Constant nodes producing a weight become initializers (after the others), so they can be replaced.
-    constants = [node for node in graph.node if is_weight_constant(node)]
-    tensors = list(graph.initializer) + [numpy_helper.from_array(_constant_value(node), node.output[0]) for node in constants]
-    init_names = {t.name for t in tensors}
-    missing = [w for w in weights if w not in init_names]
-    if missing:
-        raise InputError(f"weight(s) {missing} are neither initializers nor Constant outputs of the main graph; cannot score them")
-    proto = graph_shell(model, skip=frozenset({"node", "initializer"}))
-    proto.graph.node.extend(node for node in graph.node if not is_weight_constant(node))
-    stored: dict[str, np.ndarray] = {}
-    for tensor in tensors:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise InputError(f"initializer {tensor.name!r} still points to external data; load the model with its external data (onnx.load(path, load_external_data=True))")
-        is_weight = tensor.name in wanted
-        # payload_bytes first: ByteSize() encodes the tensor (and raises on one over 2 GB).
-        if not is_weight and payload_bytes(tensor) < EXTERNAL_MIN_BYTES and tensor.ByteSize() < EXTERNAL_MIN_BYTES:
-            proto.graph.initializer.append(tensor)
-            continue
-        array = np.ascontiguousarray(numpy_helper.to_array(tensor))
-        if array.dtype.kind in "OUS":  # string tensors cannot be passed as external data
-            if is_weight:
-                raise InputError(f"weight {tensor.name!r} holds strings; only numeric tensors can be scored")
-            proto.graph.initializer.append(tensor)
-            continue
-        array.setflags(write=False)
-        stored[tensor.name] = array
-        header = proto.graph.initializer.add()
-        copy_tensor_header(tensor, header)
-        set_external(header, _EXTERNAL_LOCATION, 0, array.nbytes)
-    graph = proto.graph
-    # IR < 4 lists initializers as graph inputs too; data never feeds them, so make them constants.
-    kept_inputs = [vi for vi in graph.input if vi.name not in stored]
-    if len(kept_inputs) != len(graph.input):
-        del graph.input[:]
-        graph.input.extend(kept_inputs)
-    digest = hashlib.sha256(b"onnxws-model-v1")
-    digest.update(proto.SerializeToString(deterministic=True))
-    for name in sorted(stored):
-        array = stored[name]
-        digest.update(f"\0{name}\0{array.dtype.str}\0{array.shape}\0".encode())
-        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-    return _Prepared(proto, stored, list(weights), digest.hexdigest())
-
-
-# --------------------------------------------------------------------------------------------
-# Engines: run the model with given weights over a list of batches
-
-
-Batch = tuple[dict[str, np.ndarray], int]  # (feeds, number of real samples; the rest is padding)
-
-
-class _SessionEngine:
-    """(a) A fresh session per candidate; weights passed as in-memory external initializers."""
-
-    name = "session"
-
-    def __init__(self, prepared: _Prepared, providers: list[str], threads: int | None, shared_arena: bool):
-        self._bytes = prepared.model.SerializeToString()
-        self._names = list(prepared.stored)
-        self._weights = set(prepared.weights)
-        # Values of non-weight stored tensors never change: build their OrtValues once.
-        self._fixed = {n: ortvalue(a) for n, a in prepared.stored.items() if n not in self._weights}
-        self._providers = list(providers)
-        self._threads = threads
-        self._shared_arena = shared_arena
-        self.last_create_s = 0.0
-
-    def session(self, weights: Mapping[str, np.ndarray]) -> tuple[ort.InferenceSession, list[ort.OrtValue]]:
-        """A session running ``weights`` (every weight name); keep the returned values alive with it."""
-        t0 = time.perf_counter()
-        values = [self._fixed[n] if n in self._fixed else ortvalue(weights[n]) for n in self._names]
-        sess = create_session(self._bytes, providers=self._providers, threads=self._threads, shared_arena=self._shared_arena,
-                              external=dict(zip(self._names, values)), per_candidate=True)
-        self.last_create_s = time.perf_counter() - t0
-        return sess, values
-
-    def run(self, weights: Mapping[str, np.ndarray], batches: Sequence[Batch]) -> list[list[np.ndarray]]:
-        sess, values = self.session(weights)
-        try:
-            return [sess.run(None, feeds) for feeds, _ in batches]
-        finally:
-            del sess, values
-
-    def close(self) -> None:
-        self._fixed = {}
-
-
-class _InputsEngine:
-    """(b) One session whose weights are graph inputs, fed with every run."""
-
-    name = "inputs"
-
-    def __init__(self, prepared: _Prepared, providers: list[str], threads: int | None, device: str):
-        proto = onnx.ModelProto()
-        proto.CopyFrom(prepared.model)
-        weights = set(prepared.weights)
-        kept = [t for t in proto.graph.initializer if t.name not in weights]
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(kept)
-        for name in prepared.weights:
-            array = prepared.stored[name]
-            elem = helper.np_dtype_to_tensor_dtype(array.dtype)
-            proto.graph.input.append(helper.make_tensor_value_info(name, elem, list(array.shape)))
-        # Its own arena (one session warms it once) and no spinning: its idle threads would
-        # otherwise spin between runs and slow down whatever the process does next.
-        fixed = [n for n in prepared.stored if n not in weights]
-        self._fixed_values = [ortvalue(prepared.stored[n]) for n in fixed]
-        self._sess = create_session(proto, providers=providers, threads=threads, spinning=False,
-                                    external=dict(zip(fixed, self._fixed_values)), per_candidate=True)
-        self._names = list(prepared.weights)
-        self._device = device
-
-    def run(self, weights: Mapping[str, np.ndarray], batches: Sequence[Batch]) -> list[list[np.ndarray]]:
-        # Weights go in as OrtValues on the device once per candidate, not once per batch.
-        values = {n: ortvalue(weights[n], self._device) for n in self._names}
-        return [self._sess.run(None, {**feeds, **values}) for feeds, _ in batches]
-
-    def close(self) -> None:
-        self._sess = None  # type: ignore[assignment]
-        self._fixed_values = []
-
-
-# --------------------------------------------------------------------------------------------
-# Suffix runs: a candidate that changes one weight only changes the nodes downstream of it
-
-
-@dataclass
-class _Cut:
-    """How to score candidates that change only ``changed``.
-
-    The nodes that do not depend on ``changed`` (the prefix) give the same values for every
-    such candidate: they are run once with the original weights, the activations they hand
-    to the rest (``boundary``) and the graph outputs they compute (``kept``) are cached per
-    subset, and each candidate only runs the suffix model.
-    """
-
-    changed: frozenset[str]
-    suffix_nodes: list[onnx.NodeProto]
-    boundary: list[str]  # suffix inputs: activations of the prefix, or graph inputs
-    activations: list[str]  # boundary names the prefix computes (not graph inputs)
-    computed: list[str]  # graph outputs the suffix computes
-    kept: list[str]  # graph outputs the prefix computes
-    engine: _SessionEngine | None = None
-
-
-def _plan_cut(prepared: _Prepared, changed: frozenset[str]) -> _Cut | None:
-    """The cut for ``changed``, or None when the suffix is the whole graph (no gain)."""
-    graph = prepared.model.graph
-    affected = set(changed)
-    suffix = []
-    for node in graph.node:  # ONNX graphs are topologically sorted
-        if any(ref in affected for ref in node_refs(node)):
-            suffix.append(node)
-            affected.update(o for o in node.output if o)
-    inputs = {vi.name for vi in graph.input}
-    initializers = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
-    produced = {o for node in graph.node for o in node.output if o}
-    boundary: list[str] = []
-    for node in suffix:
-        for ref in node_refs(node):
-            if ref not in affected and ref not in initializers and (ref in produced or ref in inputs) and ref not in boundary:
-                boundary.append(ref)
-    activations = [b for b in boundary if b not in inputs]
-    if suffix and not activations:
-        return None  # the changed weight is read straight from the graph inputs: run it all
-    outputs = [o.name for o in graph.output]
-    return _Cut(changed, suffix, boundary, activations, [o for o in outputs if o in affected], [o for o in outputs if o not in affected])
-
-
-def _sub_model(prepared: _Prepared, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
-               outputs: list[onnx.ValueInfoProto], weights: list[str]) -> _Prepared:
-    """A model of ``nodes`` with the initializers they read (still marked external)."""
-    model = prepared.model
-    refs = {ref for node in nodes for ref in node_refs(node)}
-    graph = helper.make_graph(nodes, model.graph.name, inputs, outputs,
-                              [t for t in model.graph.initializer if t.name in refs],
-                              sparse_initializer=[t for t in model.graph.sparse_initializer if t.values.name in refs])
-    sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    sub.functions.extend(model.functions)
-    stored = {n: a for n, a in prepared.stored.items() if n in refs}
-    return _Prepared(sub, stored, [w for w in weights if w in stored], "")
-
-
-def _producer_model(prepared: _Prepared, names: Sequence[str]) -> _Prepared:
-    """The ancestors of the tensors ``names`` (computed by the graph); those are its outputs."""
-    graph = prepared.model.graph
-    wanted = set(names)
-    nodes = []
-    for node in reversed(graph.node):
-        if any(o in wanted for o in node.output):
-            nodes.append(node)
-            wanted.update(node_refs(node))
-    nodes.reverse()
-    declared = {o.name: o for o in graph.output}
-    outputs = [declared.get(name) or onnx.ValueInfoProto(name=name) for name in names]
-    return _sub_model(prepared, nodes, list(graph.input), outputs, [])
-
-
-def _prefix_model(prepared: _Prepared, cut: _Cut) -> _Prepared:
-    """The ancestors of the cut's activations and kept outputs; those are its outputs."""
-    return _producer_model(prepared, cut.activations + cut.kept)
-
-
-def _rank_only(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
-    # Symbolic dims: the batch may sit on any axis of an activation. Measured: no slower.
-    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype),
-                                         [f"{name}_d{i}" for i in range(array.ndim)])
-
-
-def _suffix_model(prepared: _Prepared, cut: _Cut, sample: Mapping[str, np.ndarray]) -> _Prepared:
-    graph = prepared.model.graph
-    graph_inputs = {vi.name: vi for vi in graph.input}
-    inputs = [graph_inputs[b] if b in graph_inputs else _rank_only(b, sample[b]) for b in cut.boundary]
-    outputs = [o for o in graph.output if o.name in cut.computed]
-    return _sub_model(prepared, cut.suffix_nodes, inputs, outputs, sorted(cut.changed))
-
-
-# --------------------------------------------------------------------------------------------
-# Batching
-
-
-def fixed_batch(model: onnx.ModelProto, input_names: Sequence[str] | None = None) -> int | None:
-    """The fixed size of the models' batch axis (axis 0 of its data inputs), or None if dynamic.
-
-    Raises:
-        InputError: inputs disagree on a fixed batch size.
-    """
-    names = set(input_names) if input_names is not None else None
-    sizes: dict[str, int] = {}
-    for vi in model_inputs(model):
-        if names is not None and vi.name not in names:
-            continue
-        tensor = vi.type.tensor_type
-        if tensor.HasField("shape") and len(tensor.shape.dim) >= 1:
-            dim = tensor.shape.dim[0]
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                sizes[vi.name] = dim.dim_value
-    if len(set(sizes.values())) > 1:
-        raise InputError(f"model inputs fix different batch sizes {sizes}; onnxws needs one batch axis shared by every input")
-    return next(iter(sizes.values()), None)
-
-
-def default_batch_size(data: EvalData) -> int:
-    """Samples per run: up to DEFAULT_BATCH, and at most BATCH_INPUT_BYTES of input."""
-    per_sample = sum(int(data.arrays[n][:1].nbytes) for n in data.input_names)
-    return max(1, min(DEFAULT_BATCH, BATCH_INPUT_BYTES // max(per_sample, 1)))
-
-
-def plan_batches(data: EvalData, batch_size: int, fixed: int | None) -> list[Batch]:
-    """Split ``data``'s feeds into runs. A fixed batch N is run in chunks of N, the last padded
-    by repeating its last sample (its outputs are trimmed); dynamic batches are ``batch_size``."""
-    size = fixed or batch_size
-    feeds = data.feeds()
-    batches: list[Batch] = []
-    for start in range(0, data.n, size):
-        stop = min(start + size, data.n)
-        chunk = {k: v[start:stop] for k, v in feeds.items()}
-        real = stop - start
-        if fixed and real < fixed:
-            chunk = {k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)]) for k, v in chunk.items()}
-        batches.append((chunk, real))
-    return batches
-
-
-def concat_outputs(per_batch: list[list[np.ndarray]], batches: Sequence[Batch]) -> list[np.ndarray]:
-    """Join per-batch outputs along axis 0, trimming the padding of fixed-size batches."""
-    if len(per_batch) == 1 and len(next(iter(batches[0][0].values()))) == batches[0][1]:
-        return list(per_batch[0])
-    joined = []
-    for i in range(len(per_batch[0])):
-        parts = []
-        for outs, (feeds, real) in zip(per_batch, batches):
-            rows = len(next(iter(feeds.values())))
-            out = outs[i]
-            parts.append(out[:real] if out.ndim >= 1 and out.shape[0] == rows else out)
-        joined.append(np.concatenate(parts, axis=0) if parts[0].ndim >= 1 else np.stack(parts))
-    return joined
 
 
 def _array_digest(name: str, array: np.ndarray) -> str:
@@ -486,7 +129,7 @@ class Scorer:
         self.threads = threads
         self.providers, self.provider = resolve_providers(device)
         self._device = "cuda" if self.provider == CUDA else "cpu"
-        self._prepared = _prepare(model, self.weight_names)
+        self._prepared = prepare(model, self.weight_names)
         self._originals = {n: self._prepared.stored[n] for n in self.weight_names}
         self._output_names = [o.name for o in model.graph.output]
         self.n_full = data.n
@@ -508,7 +151,7 @@ class Scorer:
         self.seconds_running = 0.0
         self.reuse_activations = reuse_activations
         self.activation_budget = activation_budget
-        self._cuts: dict[frozenset[str], _Cut | None] = {}
+        self._cuts: dict[frozenset[str], Cut | None] = {}
         self._activations: dict[tuple[frozenset[str], str], list[dict[str, np.ndarray]] | None] = {}
         self._activation_bytes = 0
         self._hasher: ThreadPoolExecutor | None = None
@@ -516,6 +159,7 @@ class Scorer:
         self._shared_arena = shared_cpu_arena()
         self._engine = self._start(engine)
         self.engine = self._engine.name
+        self.executor: Executor = LocalExecutor(self.measure)
         self.baseline_search = self._baseline["search"]
         logger.info(
             "scorer: engine %s on %s, %d weights, search %d / full %d samples, batch %d, baseline %.4f",
@@ -563,37 +207,56 @@ class Scorer:
         loss follows; None for a metric without per-sample outcomes (a custom metric).
         """
         self._check_subset(subset)
-        results: list[tuple] = []
-        for candidate in candidates:
-            self._check_candidate(candidate)
-            key = self.key(candidate, subset)
-            result = self._memo.get(key)
-            if result is None and self.cache is not None:
-                value, divergence = self.cache.get(key), self.cache.get(key + _DIVERGENCE_KEY)
-                flips = self.cache.get(key + _SPREAD_KEY) if self.metric.per_sample is not None else None
-                if value is not None and divergence is not None and (flips is not None or self.metric.per_sample is None):
-                    result = (value, divergence, flips)
-            if result is None:
-                outputs = self._run_suffix(candidate, subset) if self.reuse_activations else None
-                if outputs is None:
-                    outputs = self._run(candidate, subset)
-                else:
-                    self.scorings_suffix += 1
-                value, spread_ = self._measure(outputs, subset)
-                result = (value, self._divergence(outputs, subset), spread_)
-                self.scorings_run += 1
-                if self.cache is not None:
-                    self.cache.put(key, result[0])
-                    self.cache.put(key + _DIVERGENCE_KEY, result[1])
-                    if result[2] is not None:
-                        self.cache.put(key + _SPREAD_KEY, result[2])
-            else:
-                self.scorings_cached += 1
+        results: list[tuple | None] = []
+        submitted: list[str] = []  # keys handed to the executor, in order
+        waiting: dict[str, list[int]] = {}  # key -> positions in results that its measurement fills
+
+        def misses() -> Iterator[Mapping[str, np.ndarray]]:
+            for candidate in candidates:
+                self._check_candidate(candidate)
+                key = self.key(candidate, subset)
+                self.scorings += 1
+                result = self._memo.get(key) or self._cached(key)
+                if result is not None or key in waiting:  # known, or already being measured
+                    self.scorings_cached += 1
+                    if result is None:
+                        waiting[key].append(len(results))
+                    else:
+                        self._memo[key] = result
+                    results.append(result)
+                    continue
+                waiting[key] = [len(results)]
+                submitted.append(key)
+                results.append(None)
+                yield candidate
+                del candidate  # before the generator decodes the next one
+
+        for i, measured in enumerate(self.executor.measure(misses(), subset)):
+            key = submitted[i]
+            result = (measured.value, measured.divergence, measured.spread)
+            self.scorings_run += 1
+            self.scorings_suffix += measured.suffix
+            if self.cache is not None:
+                self.cache.put(key, result[0])
+                self.cache.put(key + _DIVERGENCE_KEY, result[1])
+                if result[2] is not None:
+                    self.cache.put(key + _SPREAD_KEY, result[2])
             self._memo[key] = result
-            self.scorings += 1
-            results.append(result if spread else result[:2])
-            del candidate  # before the generator decodes the next one
-        return results
+            for position in waiting.pop(key):
+                results[position] = result
+        return [result if spread else result[:2] for result in results]  # type: ignore[index]
+
+    def measure(self, candidate: Mapping[str, np.ndarray], subset: str = "search") -> Measurement:
+        """Run and measure one candidate: no memo, no cache, not counted as a scoring (what an
+        executor runs; ``score`` and ``score_with_divergence`` are the scorings)."""
+        self._check_subset(subset)
+        self._check_candidate(candidate)
+        outputs = self._run_suffix(candidate, subset) if self.reuse_activations else None
+        suffix = outputs is not None
+        if outputs is None:
+            outputs = self._run(candidate, subset)
+        value, spread = self._metric_of(outputs, subset)
+        return Measurement(value, self._divergence(outputs, subset), spread, suffix)
 
     def grow_search(self, n: int) -> None:
         """Make the search subset the first ``n`` samples (more than now, at most the full set).
@@ -673,6 +336,7 @@ class Scorer:
         """Release the ORT sessions, cached activations and the copy of the weights (the cache
         belongs to the caller). Baselines, reference outputs and counters stay readable; scoring
         after ``close`` raises."""
+        self.executor.close()
         self._engine.close()
         self._prepared.stored = {}
         self._originals = {}
@@ -695,6 +359,16 @@ class Scorer:
         n = self.n_search if subset == "search" else self.n_full
         data_fp = self._data["full"].fingerprint()
         return f"onnxws-score-v1|{self._prepared.digest}|{data_fp}|{n}|{self.metric.identity()}|{self.provider}"
+
+    def _cached(self, key: str) -> tuple[float, float, float | None] | None:
+        """A candidate's (value, divergence, spread) from the score cache, if all of it is there."""
+        if self.cache is None:
+            return None
+        value, divergence = self.cache.get(key), self.cache.get(key + _DIVERGENCE_KEY)
+        flips = self.cache.get(key + _SPREAD_KEY) if self.metric.per_sample is not None else None
+        if value is not None and divergence is not None and (flips is not None or self.metric.per_sample is None):
+            return (value, divergence, flips)
+        return None
 
     def _check_subset(self, subset: str) -> None:
         if subset not in SUBSETS:
@@ -726,11 +400,11 @@ class Scorer:
 
     def _run_suffix(self, candidate: Mapping[str, np.ndarray], subset: str) -> list[np.ndarray] | None:
         """Outputs from a suffix run, or None when this candidate needs the whole model."""
-        if len(candidate) != 1 or not isinstance(self._engine, _SessionEngine):
+        if len(candidate) != 1 or not isinstance(self._engine, SessionEngine):
             return None
         changed = frozenset(candidate)
         if changed not in self._cuts:
-            self._cuts[changed] = _plan_cut(self._prepared, changed)
+            self._cuts[changed] = plan_cut(self._prepared, changed)
         cut = self._cuts[changed]
         if cut is None:
             return None
@@ -741,7 +415,7 @@ class Scorer:
         t0 = time.perf_counter()
         if cut.suffix_nodes:
             if cut.engine is None:
-                cut.engine = _SessionEngine(_suffix_model(self._prepared, cut, {**batches[0][0], **acts[0]}),
+                cut.engine = SessionEngine(suffix_model(self._prepared, cut, {**batches[0][0], **acts[0]}),
                                             self.providers, self.threads, self._shared_arena)
             feeds = [({b: feed[b] if b in feed else act[b] for b in cut.boundary}, real) for (feed, real), act in zip(batches, acts)]
             computed = cut.engine.run(candidate, feeds)
@@ -755,7 +429,7 @@ class Scorer:
         self.seconds_running += time.perf_counter() - t0
         return outputs
 
-    def _prefix_activations(self, cut: _Cut, subset: str) -> list[dict[str, np.ndarray]] | None:
+    def _prefix_activations(self, cut: Cut, subset: str) -> list[dict[str, np.ndarray]] | None:
         """Per batch, the cut's activations and kept outputs with the original weights (cached);
         None when they do not fit in what is left of the activation budget."""
         key = (cut.changed, subset)
@@ -763,7 +437,7 @@ class Scorer:
             return self._activations[key]
         batches = self._batches_for(subset)
         t0 = time.perf_counter()
-        engine = _SessionEngine(_prefix_model(self._prepared, cut), self.providers, self.threads, self._shared_arena)
+        engine = SessionEngine(prefix_model(self._prepared, cut), self.providers, self.threads, self._shared_arena)
         names = cut.activations + cut.kept
         sess, values = engine.session({})
         acts: list[dict[str, np.ndarray]] | None = []
@@ -793,7 +467,7 @@ class Scorer:
         computed = [n for n in names if n not in inputs]
         engine = sess = values = None
         if computed:
-            engine = _SessionEngine(_producer_model(self._prepared, computed), self.providers, self.threads, self._shared_arena)
+            engine = SessionEngine(producer_model(self._prepared, computed), self.providers, self.threads, self._shared_arena)
             sess, values = engine.session({})
         try:
             for feeds, real in batches:
@@ -840,13 +514,10 @@ class Scorer:
     def _metric_data(self, subset: str) -> dict[str, np.ndarray]:
         if subset not in self._views:
             self._views[subset] = _read_only(self._data[subset].arrays)
-        data = dict(self._views[subset])
-        if self.metric.needs_reference:
-            reference = self.reference_outputs(subset)
-            data.update({reference_key(n): r for n, r in zip(self._output_names, reference)})
-        return data
+        reference = self.reference_outputs(subset) if self.metric.needs_reference else None
+        return self.metric.data_for(self._views[subset], self._output_names, reference)
 
-    def _measure(self, outputs: list[np.ndarray], subset: str) -> tuple[float, float | None]:
+    def _metric_of(self, outputs: list[np.ndarray], subset: str) -> tuple[float, float | None]:
         """The metric of ``outputs`` and, for a metric with per-sample outcomes, the mean squared
         change of those outcomes vs the unmodified model's (one evaluation of the metric)."""
         data = self._metric_data(subset)
@@ -877,8 +548,8 @@ class Scorer:
 
     def _build(self, name: str):
         if name == "session":
-            return _SessionEngine(self._prepared, self.providers, self.threads, self._shared_arena)
-        return _InputsEngine(self._prepared, self.providers, self.threads, self._device)
+            return SessionEngine(self._prepared, self.providers, self.threads, self._shared_arena)
+        return InputsEngine(self._prepared, self.providers, self.threads, self._device)
 
     def _start(self, engine: str):
         """Build the engine (measuring both when ``auto``) and compute the search baseline with it."""
@@ -931,76 +602,3 @@ class Scorer:
         inputs.close()
         self._compute_baseline("search", outputs)
         return session
-
-
-# --------------------------------------------------------------------------------------------
-# Plain evaluation of any model (the emitted one included), with default ORT options
-
-
-def run_model(
-    model: onnx.ModelProto,
-    data: EvalData,
-    *,
-    device: str = "auto",
-    batch_size: int | None = None,
-    threads: int | None = None,
-    keep_compact: bool = False,
-) -> list[np.ndarray]:
-    """Outputs of ``model`` on all of ``data`` in a stock ``InferenceSession`` (default options;
-    ``keep_compact`` keeps shared weights compressed in memory, see onnxws.runtime).
-
-    Raises:
-        InputError: ONNX Runtime cannot load or run the model.
-    """
-    providers, _ = resolve_providers(device)
-    stock = {"providers": providers, "optimization": "default", "log_severity": None, "threads": threads,
-             "keep_compact": keep_compact}
-    fixed = fixed_batch(model, data.input_names)
-    batches = plan_batches(data, fixed or batch_size or default_batch_size(data), fixed)
-    try:
-        serialized = None
-        if fits_in_one_message(model):  # ModelProto.ByteSize() would raise over 2 GB (upb)
-            try:
-                serialized = model.SerializeToString()
-            except EncodeError:  # the estimate missed (a huge graph)
-                serialized = None
-        if serialized is not None:
-            sess = create_session(serialized, **stock)
-            del serialized
-        else:  # protobuf cannot serialise it: hand the big tensors over in memory instead
-            prepared = _prepare(model, [])
-            values = {n: ortvalue(a) for n, a in prepared.stored.items()}
-            sess = create_session(prepared.model, external=values, **stock)
-        per_batch = [sess.run(None, feeds) for feeds, _ in batches]
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        raise InputError(f"ONNX Runtime cannot run the model: {type(exc).__name__}: {one_line(exc)}") from exc
-    return concat_outputs(per_batch, batches)
-
-
-def evaluate_model(
-    model: onnx.ModelProto,
-    data: EvalData,
-    metric: Metric,
-    *,
-    device: str = "auto",
-    batch_size: int | None = None,
-    reference: Scorer | Sequence[np.ndarray] | None = None,
-    threads: int | None = None,
-) -> float:
-    """The metric of ``model`` on all of ``data``, run as a user would (stock ORT options).
-
-    Args:
-        reference: for metrics that compare with the uncompressed model (top-1 agreement):
-            a Scorer of that model (its full-set outputs are used) or those outputs.
-
-    Raises:
-        InputError: a reference metric without ``reference``; ORT cannot run the model.
-    """
-    outputs = run_model(model, data, device=device, batch_size=batch_size, threads=threads)
-    arrays = dict(data.arrays)
-    if metric.needs_reference:
-        if reference is None:
-            raise InputError(f"metric {metric.name} compares with the uncompressed model: pass its outputs or scorer as reference")
-        ref = reference.reference_outputs("full") if isinstance(reference, Scorer) else list(reference)
-        arrays.update({reference_key(o.name): r for o, r in zip(model.graph.output, ref)})
-    return float(metric.fn(outputs, arrays))

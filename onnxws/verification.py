@@ -19,11 +19,14 @@ a few tenths of a point on a top-1 metric over a few thousand samples, in both d
 
 The answer is always a tuple measured within budget on the full set.
 
-- **grow the subset** (``subset_misled``, run by the pipeline): when a tuple that held on the
-  subset missed on the full set and the verified answer is well below what the subset promised
-  (``GROW_BELOW``), the subset was too small to rank tuples at this budget: the pipeline
-  grows it ``GROW_FACTOR`` times (at most to the full set) and runs the layer stage, the
-  network stage and this verification again; the better of the verified answers wins.
+- **grow the subset** (``subset_misled``, run by ``search_stage``): when a tuple that held on
+  the subset missed on the full set and the verified answer is well below what the subset
+  promised (``GROW_BELOW``), the subset was too small to rank tuples at this budget: it grows
+  ``GROW_FACTOR`` times (at most to the full set) and the layer stage, the network stage and
+  this verification run again; the better of the verified answers wins.
+
+``search_stage`` is the network stage of a run as the pipeline calls it: search, verify, grow
+the subset while it misled, and the answer (or ``BudgetError``).
 """
 
 from __future__ import annotations
@@ -32,8 +35,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from onnxws.exploration import SearchContext, Tuple_, within_budget
+from onnxws.config import CompressConfig
+from onnxws.errors import BudgetError
+from onnxws.exploration import SearchContext, Tuple_, loss_unit, within_budget
+from onnxws.layer_search import layer_sensitivity
 from onnxws.network_search import (
     SearchOutcome,
     exhaustive_continue,
@@ -291,6 +298,112 @@ def subset_misled(ctx: SearchContext, result: Verification) -> dict | None:
     if verified >= GROW_BELOW * promised:
         return None
     return {"promised_ratio": promised, "verified_ratio": verified or None, "misses": len(missed), "threshold": GROW_BELOW}
+
+
+class SearchSubset(Protocol):
+    """What the search stage needs of the scorer: the subset sizes, their baselines, and growth."""
+
+    n_search: int
+    n_full: int
+    baseline_search: float
+
+    @property
+    def baseline_full(self) -> float: ...
+
+    def grow_search(self, n: int) -> None: ...
+
+
+def subset_noise(subset: SearchSubset, per_sample: bool, loss_mode: str) -> SubsetNoise | None:
+    """The search subset's sampling error (``SubsetNoise``); None when it cannot be stated."""
+    if loss_mode == "absolute":
+        unit = 100.0
+    elif subset.baseline_full != 0:
+        unit = 100.0 / abs(subset.baseline_full)
+    else:
+        return None
+    return SubsetNoise(subset.n_search, subset.n_full, per_sample, unit)
+
+
+@dataclass
+class Searched:
+    """The search stage's result.
+
+    Attributes:
+        verification: the answer and every full-set measurement (all rounds).
+        proxy_stats: the last layer stage's proxy statistics.
+        growth: one entry per search-subset growth (from, to, why, the layer stage's scorings).
+        seconds_network, seconds_verify: time in the strategies and in full-set verification.
+        seconds_layer: time in the layer stages of the grown rounds.
+    """
+
+    verification: Verification
+    proxy_stats: dict
+    growth: list[dict] = field(default_factory=list)
+    seconds_network: float = 0.0
+    seconds_verify: float = 0.0
+    seconds_layer: float = 0.0
+
+    @property
+    def chosen(self) -> Tuple_:
+        return self.verification.chosen
+
+
+def search_stage(ctx: SearchContext, subset: SearchSubset, config: CompressConfig, *, per_sample: bool,
+                 uniform: tuple[Tuple_ | None, float | None], proxy_stats: dict) -> Searched:
+    """Search and verify; while the subset misled the search (``subset_misled``) and
+    ``config.grow_subset`` allows, grow it and search again; the better verified answer wins.
+
+    Raises:
+        BudgetError: no tuple holds within the budget on the full set.
+    """
+    searched = Searched(Verification(), proxy_stats)
+    verification = latest = _search_round(ctx, subset, config, per_sample, uniform, searched)
+    while config.grow_subset and subset.n_search < subset.n_full:
+        misled = subset_misled(ctx, latest)  # the last round's own verification is the evidence
+        if misled is None or not ctx.can_score():
+            break
+        before, grown = subset.n_search, min(subset.n_full, GROW_FACTOR * subset.n_search)
+        searched.growth.append({"from_samples": before, "to_samples": grown, **misled})
+        ctx.progress("layer", 0, 0, f"search subset {before} -> {grown} samples: the full set disagreed")
+        t0 = time.perf_counter()
+        subset.grow_search(grown)
+        measured_before = {layer.name: layer.measured_losses() for layer in ctx.layers}
+        ctx.new_search_subset(subset.baseline_search, f"search_{before}")
+        layer_before = ctx.scorings_by_stage.get("layer", 0)
+        searched.proxy_stats = layer_sensitivity(ctx, earlier=measured_before)
+        searched.growth[-1]["layer_scorings"] = ctx.scorings_by_stage.get("layer", 0) - layer_before
+        searched.growth[-1]["layer_walks_from_earlier_edge"] = searched.proxy_stats["started_at_earlier_edge"]
+        searched.seconds_layer += time.perf_counter() - t0
+        again = _search_round(ctx, subset, config, per_sample, uniform, searched)
+        earlier, latest = verification.chosen, again
+        verification = Verification(again.chosen, verification.log + again.log, again.outcome, again.edge_target)
+        if earlier is not None and (again.chosen is None or ctx.ratio(earlier) > ctx.ratio(again.chosen)):
+            verification.chosen = earlier
+    searched.verification = verification
+    chosen = verification.chosen
+    if chosen is not None and ctx.known(chosen) is None and ctx.can_score():  # an earlier subset's answer won
+        ctx.losses([chosen], "search", stage="verify")  # its loss on this subset, for the report
+    if chosen is None:
+        smallest = min((e.loss_measured for e in ctx.explored if e.subset == "full"), default=None)
+        if smallest is None:
+            smallest = min((e.loss_measured for e in ctx.explored), default=math.nan)
+        raise BudgetError(
+            f"no layer can be shared within the loss budget of {config.loss:g} {loss_unit(config.loss_mode)}: "
+            f"the smallest loss found was {smallest:.3f}; raise --loss or check the evaluation data"
+        )
+    return searched
+
+
+def _search_round(ctx: SearchContext, subset: SearchSubset, config: CompressConfig, per_sample: bool,
+                  uniform: tuple[Tuple_ | None, float | None], searched: Searched) -> Verification:
+    """One network stage + verification on the current subset; its time goes to ``searched``."""
+    t0 = time.perf_counter()
+    found = search_and_verify(
+        ctx, strategy=config.strategy, predictor=config.predictor, seed=config.seed,
+        noise=subset_noise(subset, per_sample, config.loss_mode), edge_tries=config.edge_tries, uniform=uniform)
+    searched.seconds_network += time.perf_counter() - t0 - found.seconds
+    searched.seconds_verify += found.seconds
+    return found
 
 
 def _subset_tuples(ctx: SearchContext, untried: Callable, limit: float) -> list[Tuple_]:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from graphs import lenet_like
 from onnxws.cli import app
+from onnxws.config import RUN_KEYS, RUN_OPTIONS
 from onnxws.emit_check import decoded_weights
 
 runner = CliRunner()
@@ -87,6 +88,37 @@ def test_no_bias_correction_and_no_grow_subset_flags_reach_the_pipeline(lenet_di
     assert report["config"]["global"]["bias_correction"] is False
     assert report["config"]["global"]["grow_subset"] is False and report["exploration"]["search_subset_growth"] == []
     assert all(layer["refined"] and not layer["bias_corrected"] for layer in report["layers"])
+
+
+def test_every_run_option_is_a_flag_that_reaches_the_config(lenet_dir, tmp_path):
+    """The command line is built from config.RUN_OPTIONS: each option given as a flag is the value
+    the run's resolved config records; batch takes the ones a batch sets for every model."""
+    given = {"loss": 2.0, "loss_mode": "absolute", "device": "cpu", "search_samples": 500, "batch_size": 250,
+             "metric": "tests_metrics:accuracy", "output": "logits", "strategy": "greedy", "predictor": "additive",
+             "edge_tries": 1, "grow_subset": False, "refine": False, "bias_correction": False, "time_budget": 300.0,
+             "max_scorings": 400, "seed": 5, "opset": 17}
+    assert set(given) == set(RUN_KEYS)
+    args = []
+    for option in RUN_OPTIONS:
+        value = given[option.name]
+        args += [option.flag if value else "--no-" + option.flag[2:]] if option.kind is bool else [option.flag, str(value)]
+    metric_dir = tmp_path / "metric"
+    metric_dir.mkdir()
+    (metric_dir / "tests_metrics.py").write_text(
+        "import numpy as np\n\ndef accuracy(outputs, data):\n    return float(np.mean(outputs[0].argmax(1) == data['y']))\n")
+    import sys
+    sys.path.insert(0, str(metric_dir))
+    try:
+        result = runner.invoke(app, ["compress", str(lenet_dir / "model.onnx"), "-o", str(tmp_path / "o.onnx"),
+                                     "--no-cache", "--json", *args])
+    finally:
+        sys.path.remove(str(metric_dir))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o.report" / "report.json").read_text())
+    assert {k: report["config"]["global"][k] for k in given} == given
+    batch_help = runner.invoke(app, ["batch", "--help"], env={"COLUMNS": "250"}).output
+    for option in RUN_OPTIONS:
+        assert (option.flag in batch_help) == option.batch, option.name
 
 
 def test_same_inputs_same_bytes(lenet_dir, tmp_path):

@@ -17,10 +17,11 @@ from onnxws.network_search import (
     exhaustive_search,
     greedy_search,
     predictor_search,
-    uniform_baseline,
     verify_full,
 )
+from onnxws.loss_models import MIN_LOSS_LEVELS, choice_items, loss_levels
 from onnxws.predictor import LinearLossPredictor, pareto_front
+from onnxws.uniform import uniform_baseline, uniform_stage, verify_uniform
 
 BITS = list(range(9))
 
@@ -244,7 +245,6 @@ def test_uniform_baseline_bisects_widths():
 def test_uniform_baseline_steps_to_the_next_width_when_the_full_set_disagrees():
     """The subset's best uniform width (k=8) misses on the full set (+0.6 pp there for every tuple
     with a layer at 8 values or fewer); the next wider width is measured and kept when it holds."""
-    from onnxws.network_search import verify_uniform
 
     layers, truth = make_layers([150, 2400, 4800], [0.3, 0.2, 0.05])
     plain = stub_evaluate(truth)
@@ -265,6 +265,8 @@ def test_uniform_baseline_steps_to_the_next_width_when_the_full_set_disagrees():
     ctx = context(layers, truth)
     found, tried = uniform_baseline(ctx, BITS)
     assert verify_uniform(ctx, BITS, found, tried)[0] == found
+    stage = uniform_stage(context(layers, truth), BITS)  # both steps, as the pipeline runs them
+    assert stage.tuple == found and within_budget(stage.loss_full, 1.0) and stage.tried == tried
 
 
 def test_verify_steps_back_when_the_full_set_disagrees():
@@ -337,7 +339,6 @@ def test_divergence_model_beats_the_additive_one_on_a_deep_quantised_network():
     """30 layers, top-1 on 250 samples: a layer alone loses 0 or one sample, so the paper's
     sum of losses alone cannot tell the layers apart; the divergence model reaches the exact
     optimum of the true loss within a few percent, with a few dozen network scorings."""
-    from onnxws.network_search import _items
 
     ratios = {}
     for model in ("divergence", "additive"):
@@ -353,7 +354,7 @@ def test_divergence_model_beats_the_additive_one_on_a_deep_quantised_network():
         ratios[model] = ctx.ratio(best)
     # the true optimum over the same candidates: loss <= 1 pp <=> total divergence below a limit
     limit = max(d for d in np.geomspace(1e-9, 1.0, 4000) if loss_of(d) <= 1.0)
-    front = pareto_front([[(s, f) for _, s, f in _items(layer, div[layer.name])] for layer in layers], loss_limit=limit)
+    front = pareto_front([[(s, f) for _, s, f in choice_items(layer, div[layer.name])] for layer in layers], loss_limit=limit)
     optimum = sum(layer.full_bits for layer in layers) / min(p.size_bits for p in front)
     assert ratios["divergence"] >= 0.97 * optimum
     assert ratios["divergence"] > ratios["additive"]
@@ -364,7 +365,6 @@ def test_auto_starts_from_the_divergence_model_when_losses_alone_are_tied():
     quantised stub's): nearly every loss alone is 0, so the paper's model predicts 0 for most tuples and
     its front is nearly one tuple. ``auto`` starts from the divergence model there (``loss_levels``)
     and ends as compressive as that model; on distinct losses alone it starts from the paper's."""
-    from onnxws.network_search import MIN_LOSS_LEVELS, loss_levels
 
     ratios = {}
     for model in ("auto", "divergence", "additive"):
@@ -412,7 +412,6 @@ def test_auto_leaves_the_paper_model_when_its_tuples_land_far_past_the_budget():
     models on every scored tuple (errors clipped past the fit window), so those misses count
     against it and it moves to the divergence model; before, it judged them only on the tuples
     near the budget, of which there were too few, and stayed on the paper's (1.06x)."""
-    from onnxws.network_search import MIN_LOSS_LEVELS, loss_levels
 
     ratios, models = {}, {}
     for model in ("auto", "divergence", "additive"):

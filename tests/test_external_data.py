@@ -163,8 +163,7 @@ def test_compress_runs_the_large_code_paths(tmp_path, monkeypatch):
 def test_evaluate_a_large_model_hands_its_weights_over_in_memory(tmp_path, monkeypatch):
     """`onnxws evaluate` on a model over the limit: no ByteSize()/serialisation of the whole model
     (upb raises EncodeError on one over 2 GB), the weights reach ORT as in-memory external data."""
-    import onnxws.scoring as scoring
-    from onnxws.evaluation import evaluate_path
+    import onnxws.evaluation as evaluation
 
     model = lenet_like(seed=6)
     data = labelled_data(model, n=50)
@@ -172,24 +171,24 @@ def test_evaluate_a_large_model_hands_its_weights_over_in_memory(tmp_path, monke
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="m.data", size_threshold=0)
     np.savez(tmp_path / "m.npz", **data)
-    small = evaluate_path(path, tmp_path / "m.npz", device="cpu")
+    small = evaluation.evaluate_path(path, tmp_path / "m.npz", device="cpu")
     _large(monkeypatch)
     prepared = []
-    real_prepare = scoring._prepare
-    monkeypatch.setattr(scoring, "_prepare", lambda m, w: prepared.append(1) or real_prepare(m, w))
-    large = evaluate_path(path, tmp_path / "m.npz", device="cpu")
+    real_prepare = evaluation.prepare
+    monkeypatch.setattr(evaluation, "prepare", lambda m, w: prepared.append(1) or real_prepare(m, w))
+    large = evaluation.evaluate_path(path, tmp_path / "m.npz", device="cpu")
     assert prepared == [1] and large["value"] == small["value"] == 1.0
 
 
 def test_scorer_model_holds_no_weight_payloads():
     """The scorer's proto is built payload-free (a copy whose payloads are cleared afterwards would
     keep them alive in upb's arena): stored tensors are external-data headers with their metadata."""
-    import onnxws.scoring as scoring
+    from onnxws.engines import prepare
 
     model = _if_model()
     fc = next(t for t in model.graph.initializer if t.name == "fc.W")
     fc.doc_string = "kept"
-    prepared = scoring._prepare(model, ["conv.W", "fc.W"])
+    prepared = prepare(model, ["conv.W", "fc.W"])
     by_name = {t.name: t for t in prepared.model.graph.initializer}
     for name in ("conv.W", "fc.W"):
         assert by_name[name].data_location == onnx.TensorProto.EXTERNAL and not by_name[name].HasField("raw_data")

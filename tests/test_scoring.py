@@ -14,7 +14,8 @@ from onnxws.data import load_data
 from onnxws.errors import InputError, UsageError
 from onnxws.metrics import resolve_metric
 from onnxws.runtime import cuda_usable, resolve_providers
-from onnxws.scoring import Scorer, evaluate_model
+from onnxws.evaluation import evaluate_model
+from onnxws.scoring import Scorer
 
 ENGINES = ["session", "inputs"]
 WEIGHTS = ["conv.W", "fc.W"]
@@ -533,3 +534,45 @@ def test_growing_the_search_subset_equals_a_scorer_built_with_it(labelled):
     with pytest.raises(ValueError, match="already has 300"):
         grown.grow_search(100)
     grown.close()
+
+
+class _LookAheadExecutor:
+    """Draws every candidate of a request before measuring any (as a pool that keeps its workers
+    busy does) and measures them with the scorer's own sessions, last first, yielding in order."""
+
+    name = "look-ahead"
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self.measured = 0
+
+    def measure(self, candidates, subset):
+        drawn = list(candidates)
+        measurements = [self.scorer.measure(c, subset) for c in reversed(drawn)][::-1]
+        self.measured += len(drawn)
+        yield from measurements
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_executor_that_draws_ahead_gives_the_same_scores(labelled):
+    """The scorer keeps keys, memo and counters: an executor that draws a whole request ahead
+    gets each distinct candidate once (a repeat inside the request waits for the first) and the
+    scores are those of the in-process executor, in submission order."""
+    rng = np.random.default_rng(7)
+    local = make_scorer(labelled, "session")
+    originals = local.originals
+    distinct = [{"conv.W": originals["conv.W"] + rng.normal(0, 0.2, originals["conv.W"].shape).astype(np.float32)}
+                for _ in range(3)] + [{"fc.W": originals["fc.W"] * np.float32(0.5)}]
+    request = [distinct[0], distinct[1], distinct[0], distinct[2], distinct[3], distinct[1]]
+    expected = local.score_with_divergence(request, spread=True)
+    ahead = make_scorer(labelled, "session")
+    ahead.executor = _LookAheadExecutor(ahead)
+    assert ahead.score_with_divergence(request, spread=True) == expected
+    assert ahead.executor.measured == 4 and ahead.scorings_run == local.scorings_run == 4
+    assert ahead.scorings == 6 and ahead.scorings_cached == local.scorings_cached == 2
+    assert ahead.scorings_suffix == local.scorings_suffix == 4  # each changes one weight
+    assert ahead.score([distinct[2]]) == [expected[3][0]] and ahead.executor.measured == 4  # memo
+    local.close()
+    ahead.close()

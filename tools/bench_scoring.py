@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from onnxws.data import EvalData, load_data  # noqa: E402
 from onnxws.metrics import resolve_metric  # noqa: E402
-from onnxws.scoring import Scorer, concat_outputs, plan_batches  # noqa: E402
+from onnxws.data import concat_outputs, plan_batches  # noqa: E402
+from onnxws.scoring import Scorer  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------

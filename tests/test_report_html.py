@@ -11,7 +11,7 @@ import pytest
 
 import onnxws
 from conftest import LENET
-from onnxws.report import render_html, summary_rows, write_report
+from onnxws.report_html import render_html, summary_rows, write_report
 
 STABLE_KEYS = [
     ("baseline", "value"), ("final", "value"), ("final", "value_search"), ("final", "loss"), ("final", "loss_unit"),
