@@ -158,14 +158,21 @@ def output_divergence(outputs: Sequence[np.ndarray], reference: Sequence[np.ndar
 
 
 @dataclass(frozen=True)
-class Top1Accuracy:
-    """Fraction of samples whose arg-max over output ``index`` equals ``data['y']``."""
+class _PerSample:
+    """A metric that is the mean of per-sample outcomes (``outcomes``) read from output ``index``."""
 
     index: int
     output_name: str
 
     def __call__(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> float:
         return float(np.mean(self.outcomes(outputs, data)))
+
+    def outcomes(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Top1Accuracy(_PerSample):
+    """Fraction of samples whose arg-max over output ``index`` equals ``data['y']``."""
 
     def outcomes(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> np.ndarray:
         """Per-sample outcome (1.0 correct, 0.0 not): the metric is their mean."""
@@ -177,15 +184,8 @@ class Top1Accuracy:
         return (logits.argmax(axis=1) == labels).astype(np.float64)
 
 
-@dataclass(frozen=True)
-class Top1Agreement:
+class Top1Agreement(_PerSample):
     """Fraction of samples whose arg-max over output ``index`` equals the uncompressed model's."""
-
-    index: int
-    output_name: str
-
-    def __call__(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> float:
-        return float(np.mean(self.outcomes(outputs, data)))
 
     def outcomes(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> np.ndarray:
         """Per-sample outcome (1.0 same top-1 as the uncompressed model, 0.0 not): the metric is their mean."""

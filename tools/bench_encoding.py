@@ -56,18 +56,6 @@ print(json.dumps({"startup_s": startup, "startup_cpu_s": cpu, "rss_before_mb": b
 """
 
 
-def _weights(model: onnx.ModelProto, min_params: int = 64) -> list[str]:
-    """Conv/Gemm/MatMul weight initializers (what discovery picks on these models)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    names: list[str] = []
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
-            t = inits[node.input[1]]
-            if int(np.prod(t.dims)) >= min_params and node.input[1] not in names:
-                names.append(node.input[1])
-    return names
-
-
 def _random_shared(model: onnx.ModelProto, names: list[str], bits: int, seed: int = 0) -> list[SharedWeight]:
     """Per-tensor codebooks of 2**bits values at random indices (sizes and layout do not depend on the values)."""
     rng = np.random.default_rng(seed)
@@ -98,10 +86,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    from bench_scoring import lenet5, resnet50
+    from bench_scoring import lenet5, resnet50, weight_names
 
     model = resnet50() if args.model == "resnet50" else lenet5()
-    names = _weights(model)
+    names = weight_names(model)
     inits = {t.name: t for t in model.graph.initializer}
     shared_params = sum(int(np.prod(inits[n].dims)) for n in names)
     all_bytes = model_weight_bytes(model)

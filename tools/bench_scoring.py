@@ -169,7 +169,7 @@ def lenet5(seed: int = 0) -> onnx.ModelProto:
 # ---------------------------------------------------------------------------------------------
 
 
-def _weights(model: onnx.ModelProto, min_params: int = 64) -> list[str]:
+def weight_names(model: onnx.ModelProto, min_params: int = 64) -> list[str]:
     """Conv/Gemm/MatMul weight initializers (what discovery would pick on these models)."""
     inits = {t.name: t for t in model.graph.initializer}
     names = []
@@ -214,7 +214,7 @@ def bench(label: str, model: onnx.ModelProto, data: EvalData, samples: int, thre
           engines: list[str], batch: int | None, layers: int) -> dict[str, float]:
     """Time per candidate of each engine and the plain forward, interleaved round-robin so that
     machine noise hits every contestant alike; returns median ms by contestant."""
-    names = _weights(model)
+    names = weight_names(model)
     metric = resolve_metric(None, data, model)
     subset = data.head(samples)
     # Plain forward alone first, with default options (spinning on), before anything else exists.
