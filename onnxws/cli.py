@@ -258,9 +258,9 @@ def inspect(
 def evaluate(
     model: ModelArg,
     data: DataOpt = None,
-    metric: Annotated[Optional[str], typer.Option(help="Custom metric package.module:function.")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="The metric: expected_accuracy, top1_accuracy, top1_agreement or package.module:function (default: top1_accuracy with labels y, else expected_accuracy).")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="Model output the metric reads.")] = None,
-    reference: Annotated[Optional[Path], typer.Option("--reference", help="Uncompressed model for top-1 agreement when the data has no labels.", exists=True, dir_okay=False)] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Uncompressed model, for the label-free metrics (expected_accuracy, top1_agreement).", exists=True, dir_okay=False)] = None,
     device: Annotated[Device, typer.Option(help="auto, cpu or cuda.")] = Device.auto,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1)] = None,
     keep_compact: Annotated[bool, typer.Option("--keep-compact", help="Keep shared weights compressed in memory (no constant folding of the decoders: less memory, slower).")] = False,

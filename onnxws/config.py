@@ -44,6 +44,7 @@ from typing import Any
 import tomli_w
 
 from onnxws.errors import UsageError
+from onnxws.metrics import BUILTIN as BUILTIN_METRICS
 from onnxws.sharing import Granularity
 
 if sys.version_info >= (3, 11):
@@ -79,6 +80,8 @@ def _is_str(v: Any) -> bool:
 
 
 def _is_metric(v: str) -> bool:
+    if v in BUILTIN_METRICS:
+        return True
     module, _, function = v.partition(":")
     return bool(module.strip()) and bool(function.strip())
 
@@ -135,10 +138,18 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
     RunOption("device", str, _choice(DEVICES), "Where candidates are scored: auto (CUDA if usable), cpu, cuda.", DEVICES),
     RunOption("search_samples", int, (_is_int, lambda v: v >= 1, "an integer >= 1"),
               "Samples of the fixed search subset (the first N).", minimum=1),
+    RunOption("holdout", float, (_is_real, lambda v: math.isfinite(v) and 0 <= v < 1,
+                                 "a fraction >= 0 and < 1 (or omit it for the default)"),
+              "Fraction of the evaluation set held out of the search: the final loss is measured on it too, on samples "
+              "the search never saw (whole groups when the data has group ids). Default: 0.2 of a set of >= 1000 "
+              "samples (and >= 10 groups), else 0.", nullable=True),
     RunOption("batch_size", int, (_is_int, lambda v: v >= 1, "an integer >= 1 (or omit it)"),
               "Inference batch size for scoring.", minimum=1, nullable=True, batch=False),
-    RunOption("metric", str, (_is_str, _is_metric, "\"package.module:function\""),
-              "Custom metric package.module:function(outputs, data) -> float, higher is better.", nullable=True, batch=False),
+    RunOption("metric", str, (_is_str, _is_metric, f"one of {', '.join(BUILTIN_METRICS)} or \"package.module:function\""),
+              f"The metric (higher is better): {', '.join(BUILTIN_METRICS)}, or a function package.module:function(outputs, "
+              "data) -> float. Default: top1_accuracy when the data has labels y, else expected_accuracy (the uncompressed "
+              "model's probability of the compressed model's top-1 class: an estimate of the accuracy change without labels).",
+              nullable=True, batch=False),
     RunOption("output", str, (_is_str, lambda v: bool(v), "a non-empty model output name"),
               "Model output the metric reads (default: the first).", nullable=True, batch=False),
     RunOption("strategy", str, _choice(STRATEGIES),
@@ -313,6 +324,7 @@ class CompressConfig:
     loss_mode: str = "absolute"
     device: str = "auto"
     search_samples: int = 2000
+    holdout: float | None = None       # held-out fraction (None: data.holdout_split's default)
     batch_size: int | None = None
     metric: str | None = None          # "package.module:function"
     output: str | None = None          # model output the metric reads

@@ -1,7 +1,9 @@
 """Evaluation data: load it, check it against the model's inputs, slice the search subset.
 
 Data is one array per model input, named as the input (a single-input model may use ``x``),
-plus optional integer labels ``y`` and any extra arrays a custom metric wants (string
+plus optional integer labels ``y``, optional integer group ids ``group`` (one per sample: samples
+of one group, e.g. the views of one photograph, are not independent; intervals and the held-out
+split then count groups, not samples) and any extra arrays a custom metric wants (string
 labels, ids, ...). Every array holds the samples along axis 0. Checks are strict and
 happen once, here: a wrong dtype or a wrong fixed dimension is an error naming both
 values, never a silent cast.
@@ -28,6 +30,14 @@ LABELS = "y"
 """Name of the integer label array (class index per sample)."""
 ALIAS = "x"
 """Name a single-input model's data may use instead of the input's name."""
+GROUP = "group"
+"""Name of the integer group-id array (one id per sample)."""
+HOLDOUT_AUTO = 0.2
+"""Held-out fraction of ``holdout_split(data, None)`` on a set large enough for it ..."""
+HOLDOUT_MIN_SAMPLES = 1000
+"""... at least this many samples ..."""
+HOLDOUT_MIN_GROUPS = 10
+"""... and, when grouped, at least this many groups (else nothing is held out)."""
 DEFAULT_BATCH = 1000
 """Largest default batch (samples per run)."""
 BATCH_INPUT_BYTES = 16 * 2**20
@@ -57,6 +67,23 @@ class EvalData:
     def labels(self) -> np.ndarray | None:
         """Integer labels ``[n]``, or None when the data has none."""
         return self.arrays.get(LABELS)
+
+    @property
+    def groups(self) -> np.ndarray | None:
+        """Integer group ids ``[n]``, or None (every sample independent; also when a model input
+        is named ``group``: that array feeds the model)."""
+        return None if GROUP in self.input_names else self.arrays.get(GROUP)
+
+    def take(self, indices: np.ndarray) -> EvalData:
+        """The samples at ``indices`` (in that order), every array indexed."""
+        return EvalData({k: v[indices] for k, v in self.arrays.items()}, list(self.input_names), len(indices))
+
+    def tail(self, n: int) -> EvalData:
+        """The last ``n`` samples (n >= 1), every array sliced."""
+        if n < 1:
+            raise ValueError(f"tail(n) needs n >= 1, got {n}")
+        return self if n >= self.n else EvalData({k: v[self.n - n:] for k, v in self.arrays.items()},
+                                                 list(self.input_names), n)
 
     def head(self, n: int) -> EvalData:
         """The first ``n`` samples (fixed, unshuffled; clipped to ``self.n``), every array sliced."""
@@ -254,6 +281,13 @@ def _check(arrays: dict[str, np.ndarray], model: onnx.ModelProto, origin: str) -
                 f"{origin}: labels 'y' must be a 1-D integer array of class indices, length {n}; "
                 f"got shape {labels.shape} dtype {labels.dtype} (one-hot labels: use y.argmax(axis=1))"
             )
+    groups = arrays.get(GROUP)
+    if groups is not None and GROUP not in names:
+        if groups.ndim != 1 or groups.dtype.kind not in "iu":
+            raise InputError(
+                f"{origin}: group ids 'group' must be a 1-D integer array, one id per sample (length {n}); "
+                f"got shape {groups.shape} dtype {groups.dtype}"
+            )
     logger.debug("evaluation data: %d samples, arrays %s", n, {k: (v.dtype.str, v.shape) for k, v in arrays.items()})
     return EvalData(arrays, names, n)
 
@@ -273,6 +307,40 @@ def _check_dtype(name: str, arr: np.ndarray, elem: int) -> None:
             f"input {name!r}: data dtype {arr.dtype} but the model expects {expected} (ONNX {type_name}); "
             f"convert it when writing the data (e.g. array.astype(np.{expected}))"
         )
+
+
+def holdout_split(data: EvalData, fraction: float | None) -> tuple[EvalData, int]:
+    """``data`` ordered so that its last ``n_holdout`` samples are the held-out ones, and ``n_holdout``.
+
+    ``fraction`` None is the default: HOLDOUT_AUTO of a set of at least HOLDOUT_MIN_SAMPLES
+    samples (and HOLDOUT_MIN_GROUPS groups), else 0. Without groups the held-out samples are the
+    last ones (the order is unchanged); with groups, whole groups are held out (the last groups
+    by first appearance, at least ``fraction`` of the samples), the rest keeping their order.
+    """
+    groups = data.groups
+    n_groups = data.n if groups is None else len(np.unique(groups))
+    if fraction is None:
+        big = data.n >= HOLDOUT_MIN_SAMPLES and n_groups >= HOLDOUT_MIN_GROUPS
+        fraction = HOLDOUT_AUTO if big else 0.0
+    wanted = int(round(fraction * data.n))
+    if wanted < 1:
+        return data, 0
+    if groups is None:
+        return data, min(wanted, data.n - 1)
+    _, first = np.unique(groups, return_index=True)
+    held: list = []
+    size = 0
+    counts = dict(zip(*np.unique(groups, return_counts=True)))
+    for gid in groups[np.sort(first)][::-1]:  # the last groups first
+        if size >= wanted or len(held) + 1 >= n_groups:
+            break
+        held.append(gid)
+        size += int(counts[gid])
+    if not held:
+        return data, 0
+    out = np.isin(groups, held)
+    order = np.concatenate([np.flatnonzero(~out), np.flatnonzero(out)])
+    return data.take(order), int(out.sum())
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,4 +404,15 @@ def concat_outputs(per_batch: list[list[np.ndarray]], batches: Sequence[Batch]) 
             out = outs[i]
             parts.append(out[:real] if out.ndim >= 1 and out.shape[0] == rows else out)
         joined.append(np.concatenate(parts, axis=0) if parts[0].ndim >= 1 else np.stack(parts))
+    return joined
+
+
+def join_outputs(parts: Sequence[Sequence[np.ndarray]], rows: Sequence[int]) -> list[np.ndarray]:
+    """Outputs of consecutive sample sets (``rows[i]`` samples in ``parts[i]``) joined along axis 0;
+    an output without a sample axis is taken from the first part."""
+    joined = []
+    for i, first in enumerate(parts[0]):
+        pieces = [np.asarray(part[i]) for part in parts]
+        per_sample = all(p.ndim and p.shape[0] == r for p, r in zip(pieces, rows))
+        joined.append(np.concatenate(pieces, axis=0) if per_sample else np.asarray(first))
     return joined

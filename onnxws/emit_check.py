@@ -18,10 +18,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxws.config import CompressConfig
-from onnxws.data import EvalData
+from onnxws.data import EvalData, join_outputs
 from onnxws.encoding import EncodeResult, encode_model
 from onnxws.errors import InputError, VerificationError
-from onnxws.evaluation import evaluate_model
+from onnxws.evaluation import metric_value, run_model
 from onnxws.exploration import loss_between, loss_unit, value_after_loss, within_budget
 from onnxws.loading import check_model
 from onnxws.metrics import Metric
@@ -29,6 +29,7 @@ from onnxws.proto import payload_bytes
 from onnxws.runtime import create_session
 from onnxws.scoring import Scorer
 from onnxws.sharing import SharedWeight
+from onnxws.statistics import Measured, measure_loss
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +43,17 @@ _DECODE_BATCH_BYTES = 1 << 30  # decoded_weights: initializer bytes per ORT sub-
 @dataclass
 class Emitted:
     """The emit stage's result: the written model, its metric re-measured in stock ORT on the full
-    set, the scorer's figure for the same tuple, and the loss the written model has."""
+    set (the samples the search verified on), the scorer's figure for the same tuple, and the loss
+    the written model has there; its loss with 95 % intervals on the held-out samples (None when
+    nothing is held out), on the full set and on every sample."""
 
     encoded: EncodeResult
     value: float
     scorer_value: float
     loss: float
+    full: Measured | None = None
+    holdout: Measured | None = None
+    whole: Measured | None = None
 
 
 def emit_stage(model: onnx.ModelProto, shared: Sequence[SharedWeight], scorer: Scorer, data: EvalData,
@@ -59,18 +65,33 @@ def emit_stage(model: onnx.ModelProto, shared: Sequence[SharedWeight], scorer: S
     Raises:
         VerificationError: any check fails.
     """
+    names = [o.name for o in model.graph.output]
+    reference = {subset: scorer.reference_outputs(subset) for subset in ("full", "holdout")[:1 + bool(scorer.n_holdout)]}
     encoded = encode_model(model, shared, opset=config.opset, values=scorer.originals)
     scorer.close()  # its copy of the weights and sessions: the emitted model is measured on its own
     check_model(encoded.model, "emitted model")
     check_rebuilt_weights(encoded.model, shared)
-    value = evaluate_model(encoded.model, data, metric, device=config.device, batch_size=config.batch_size,
-                           reference=scorer)
+    parts = {subset: scorer.subset_data(subset) for subset in reference}
+    outputs = {subset: run_model(encoded.model, part, device=config.device, batch_size=config.batch_size)
+               for subset, part in parts.items()}
+    value = metric_value(metric, outputs["full"], parts["full"], names, reference["full"])
     scorer_value = value_after_loss(baseline_full, loss_full, config.loss_mode)
     check_trusted(value, scorer_value)
     loss = loss_between(baseline_full, value, config.loss_mode)
     if not within_budget(loss, config.loss):
         raise VerificationError(f"the emitted model loses {loss:.3f} {loss_unit(config.loss_mode)} > budget {config.loss:g}")
-    return Emitted(encoded, value, scorer_value, loss)
+    emitted = Emitted(encoded, value, scorer_value, loss)
+    measured = {subset: measure_loss(metric, outputs[subset], reference[subset], parts[subset], names,
+                                     config.loss_mode, seed=config.seed) for subset in parts}
+    emitted.full, emitted.holdout = measured["full"], measured.get("holdout")
+    if emitted.holdout is None:
+        emitted.whole = emitted.full
+    else:
+        rows = [parts["full"].n, parts["holdout"].n]
+        emitted.whole = measure_loss(metric, join_outputs([outputs["full"], outputs["holdout"]], rows),
+                                     join_outputs([reference["full"], reference["holdout"]], rows), data, names,
+                                     config.loss_mode, seed=config.seed)
+    return emitted
 
 
 def check_rebuilt_weights(model: onnx.ModelProto, shared: Sequence[SharedWeight]) -> None:

@@ -78,7 +78,7 @@ def evaluate_model(
     """The metric of ``model`` on all of ``data``, run as a user would (stock ORT options).
 
     Args:
-        reference: for metrics that compare with the uncompressed model (top-1 agreement):
+        reference: for metrics that compare with the uncompressed model (expected accuracy, agreement):
             a Scorer of that model (its full-set outputs are used) or those outputs.
 
     Raises:
@@ -95,7 +95,7 @@ def metric_value(metric: Metric, outputs: Sequence[np.ndarray], data: EvalData, 
                  reference: Sequence[np.ndarray] | None = None) -> float:
     """Apply ``metric`` to outputs over ``data`` (with the reference outputs when it needs them)."""
     if metric.needs_reference and reference is None:
-        raise InputError("the data has no labels y: top-1 agreement needs the uncompressed model (--reference MODEL)")
+        raise InputError(f"metric {metric.name} compares with the uncompressed model: pass it (--reference MODEL)")
     return float(metric.fn(list(outputs), metric.data_for(data.arrays, output_names, reference)))
 
 
@@ -115,7 +115,7 @@ def evaluate_path(model_path: Path, data_path: Path | None, *, metric: str | Non
     ref = None
     if resolved.needs_reference:
         if reference is None:
-            raise InputError(f"{data_file} has no labels y, so the metric is top-1 agreement with the uncompressed model: "
+            raise InputError(f"metric {resolved.name} compares with the uncompressed model ({data_file} has no labels y): "
                              "pass --reference ORIGINAL.onnx (or add labels y to the data)")
         ref_model = load_model(reference)
         ref = run_model(ref_model, load_data(data_file, ref_model), device=device, batch_size=batch_size)

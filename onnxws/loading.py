@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnx import TensorProto
 
 from onnxws.config import CompressConfig
-from onnxws.data import EvalData, find_sidecar_data, load_data
+from onnxws.data import EvalData, find_sidecar_data, holdout_split, load_data
 from onnxws.discovery import Discovery, constant_tensors, find_weights
 from onnxws.errors import InputError, NothingToShareError, one_line
 from onnxws.metrics import Metric, resolve_metric
@@ -241,6 +241,7 @@ class Loaded:
         model_path, data_path: the files they came from (None for in-memory inputs).
         bytes_before: the model file's bytes with its external data (or the proto's size).
         model_sha256: hash of the model as loaded (``model_sha256``).
+        data: every sample, the ``n_holdout`` held-out ones last (``data.holdout_split``).
     """
 
     proto: onnx.ModelProto
@@ -251,6 +252,7 @@ class Loaded:
     data: EvalData
     metric: Metric
     discovery: Discovery
+    n_holdout: int = 0
 
 
 def load_stage(model: str | Path | onnx.ModelProto,
@@ -290,7 +292,8 @@ def load_stage(model: str | Path | onnx.ModelProto,
     if not discovery.weights:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in discovery.skipped[:3]) or "no float constant tensors"
         raise NothingToShareError(f"the model has no shareable weight tensor ({reasons})")
-    return Loaded(proto, model_path, data_path, bytes_before, model_sha256(proto), eval_data, metric, discovery)
+    eval_data, n_holdout = holdout_split(eval_data, config.holdout)
+    return Loaded(proto, model_path, data_path, bytes_before, model_sha256(proto), eval_data, metric, discovery, n_holdout)
 
 
 def model_file_bytes(path: Path) -> int:

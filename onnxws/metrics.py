@@ -1,8 +1,27 @@
 """Metrics: what a score is. Higher is better, one float per evaluation of the whole (sub)set.
 
-Built in: top-1 accuracy against integer labels ``y``, and top-1 agreement with the
-uncompressed model (when the data has no labels). Anything else is a user function
-``package.module:function(outputs, data) -> float``.
+Built in, selectable by name (``--metric NAME``):
+
+- ``top1_accuracy``: top-1 against integer labels ``y`` (the default when the data has labels);
+- ``expected_accuracy``: the uncompressed model's own probability of the compressed model's
+  top-1 class, averaged over samples (the default without labels). If the uncompressed model is
+  calibrated (its probability of a class is how often that class is right), this is the
+  compressed model's expected top-1 accuracy, and the uncompressed model's value is the mean of
+  its top probability; the loss between them estimates the accuracy change a labelled
+  evaluation would show. A flip between two near-tied classes costs the gap between their
+  probabilities (almost nothing), a flip away from a confident class costs that confidence
+  (about one sample). Logits (or log-probabilities) are turned into probabilities by a softmax;
+  an output whose rows are already probabilities (in [0, 1], summing to 1) is used as it is.
+  For an output with more than one class distribution per sample (``[samples, ..., classes]``:
+  sequences, per-position classifiers) the class axis is the last and each sample's outcome is
+  the mean over its positions;
+- ``top1_agreement``: the fraction of samples whose top-1 is the uncompressed model's (every
+  flipped near-tie counts as a full error).
+
+Anything else is a user function ``package.module:function(outputs, data) -> float``; it may
+carry a per-sample form as an attribute, ``function.per_sample = f(outputs, data) -> array``
+of one value per sample whose mean is the metric (then its loss gets intervals and a sampling
+error without re-running it on resamples).
 
 Metric functions are small picklable callables (no closures), so a process pool or a Ray
 actor can receive them when scoring is scaled out.
@@ -10,6 +29,7 @@ actor can receive them when scoring is scaled out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -17,7 +37,7 @@ import logging
 import math
 import types
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 TOP1_ACCURACY = "top1_accuracy"
 TOP1_AGREEMENT = "top1_agreement"
+EXPECTED_ACCURACY = "expected_accuracy"
+BUILTIN = (EXPECTED_ACCURACY, TOP1_ACCURACY, TOP1_AGREEMENT)
+"""Built-in metrics, by name."""
+_PROBABILITY_TOLERANCE = 1e-3  # rows summing to 1 within this (and inside [0, 1]) are probabilities
 REFERENCE_PREFIX = "reference:"
 
 
@@ -50,12 +74,14 @@ class Metric:
             ``reference_key(output_name)``.
         needs_reference: compares with the uncompressed model's outputs.
         output: the model output a built-in metric reads (None for custom metrics).
+        description: what it measures, in one line (for the report).
     """
 
     name: str
     fn: Callable[[list[np.ndarray], dict[str, np.ndarray]], float]
     needs_reference: bool = False
     output: str | None = None
+    description: str = ""
 
     @property
     def per_sample(self) -> Callable[[list[np.ndarray], dict[str, np.ndarray]], np.ndarray] | None:
@@ -194,6 +220,72 @@ class Top1Agreement(_PerSample):
         return (logits.argmax(axis=1) == reference.argmax(axis=1)).astype(np.float64)
 
 
+def log_normaliser(scores: np.ndarray) -> np.ndarray | None:
+    """``log(sum(exp(scores)))`` along the last axis (float64), or None when ``scores`` already are
+    probabilities (in [0, 1], rows summing to 1): then ``p = scores``, else ``p = exp(scores - it)``
+    (a softmax; log-probabilities give themselves back)."""
+    arr = np.asarray(scores)
+    if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0 and np.all(
+            np.abs(arr.sum(axis=-1, dtype=np.float64) - 1.0) <= _PROBABILITY_TOLERANCE):
+        return None
+    flat = arr.reshape(-1, arr.shape[-1])
+    out = np.empty(flat.shape[0], dtype=np.float64)
+    step = max(1, _SUM_CHUNK // max(flat.shape[1], 1))
+    for start in range(0, flat.shape[0], step):
+        part = flat[start:start + step].astype(np.float64)
+        top = part.max(axis=1)
+        out[start:start + step] = top + np.log(np.exp(part - top[:, None]).sum(axis=1))
+    return out.reshape(arr.shape[:-1])
+
+
+def _class_scores(out: np.ndarray, output_name: str) -> np.ndarray:
+    """Output as ``[samples, positions, classes]`` (class axis last; [n, C] is one position)."""
+    arr = np.asarray(out)
+    if arr.ndim == 2 or (arr.ndim > 2 and all(d == 1 for d in arr.shape[1:-1])):
+        return _as_logits(arr, output_name)[:, None, :]
+    if arr.ndim < 2 or arr.shape[-1] < 2 or not np.issubdtype(arr.dtype, np.floating):
+        raise InputError(
+            f"output {output_name!r} has shape {tuple(arr.shape)} ({arr.dtype}); expected_accuracy needs float class "
+            "scores [samples, classes] or [samples, ..., classes]: pick one with --output or pass --metric module:function"
+        )
+    return arr.reshape(arr.shape[0], -1, arr.shape[-1])
+
+
+@dataclass(frozen=True)
+class ExpectedAccuracy(_PerSample):
+    """The uncompressed model's probability of the compressed model's top-1 class (module docstring)."""
+
+    # reference array id -> (that array, its log normaliser): computed once per evaluated subset
+    _normalisers: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def outcomes(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-sample outcome in [0, 1] (the mean over positions of a sequence): the metric is their mean."""
+        scores = _class_scores(outputs[self.index], self.output_name)
+        given = data[reference_key(self.output_name)]
+        reference = _class_scores(given, self.output_name)
+        if scores.shape != reference.shape:
+            raise InputError(f"output {self.output_name!r} has shape {scores.shape}, the uncompressed model's {reference.shape}")
+        picked = np.take_along_axis(reference, scores.argmax(axis=-1)[..., None], axis=-1)[..., 0].astype(np.float64)
+        normaliser = self._normaliser(given, reference)
+        probability = picked if normaliser is None else np.exp(picked - normaliser)
+        outcomes = probability.mean(axis=1)
+        bad = ~np.isfinite(outcomes)
+        if bad.any():
+            raise InputError(f"output {self.output_name!r} of the uncompressed model is NaN or infinite on {int(bad.sum())} of "
+                             f"{len(outcomes)} samples: its probabilities, and so expected_accuracy, cannot be measured there; "
+                             "check the model and the evaluation data")
+        return outcomes
+
+    def _normaliser(self, given: np.ndarray, reference: np.ndarray) -> np.ndarray | None:
+        cached = self._normalisers.get(id(given))
+        if cached is None or cached[0] is not given:
+            if len(self._normalisers) >= 4:  # subsets of one run: search, full, holdout, whole
+                self._normalisers.clear()
+            cached = (given, log_normaliser(reference))  # the array is kept, so its id stays its own
+            self._normalisers[id(given)] = cached
+        return cached[1]
+
+
 @dataclass(frozen=True)
 class CustomMetric:
     """A user function ``module:function``; checks that it returns a finite float."""
@@ -217,8 +309,32 @@ class CustomMetric:
             raise InputError(f"metric {self.spec} returned {result}; it must return a finite float, higher is better")
         return result
 
+    @property
+    def outcomes(self) -> Callable[[list[np.ndarray], dict[str, np.ndarray]], np.ndarray] | None:
+        """The function's per-sample form (its ``per_sample`` attribute), checked; None without one."""
+        per_sample = getattr(self.function, "per_sample", None)
+        return None if per_sample is None else functools.partial(_custom_outcomes, self.spec, per_sample)
+
     def __reduce__(self):  # re-import by name in another process instead of pickling the function
         return (_load_custom, (self.spec,))
+
+
+def _custom_outcomes(spec: str, per_sample: Callable, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> np.ndarray:
+    try:
+        values = per_sample(outputs, data)
+    except OnnxwsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code: name it, keep the cause
+        raise InputError(f"metric {spec}: per_sample raised {type(exc).__name__}: {exc}") from exc
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"metric {spec}: per_sample returned {type(values).__name__}, not numbers; it must return one float per sample") from exc
+    rows = len(next(iter(data.values()))) if data else len(array)
+    if array.ndim != 1 or len(array) != rows or not np.all(np.isfinite(array)):
+        raise InputError(f"metric {spec}: per_sample returned shape {array.shape}; it must return {rows} finite floats, one per sample, "
+                         "whose mean is the metric")
+    return array
 
 
 def _code_hash(fn: Callable) -> str:
@@ -297,20 +413,29 @@ def _static_width(model: onnx.ModelProto, index: int) -> int | None:
     return wide[0] if wide else 1
 
 
+def _declared_rank(model: onnx.ModelProto, index: int) -> int | None:
+    """Rank of output ``index`` as declared (singleton axes after the first not counted), if declared."""
+    tensor = model.graph.output[index].type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    dims = tensor.shape.dim
+    return 1 + sum(1 for d in dims[1:] if not (d.HasField("dim_value") and d.dim_value == 1)) if dims else 0
+
+
 def resolve_metric(spec: str | None, data: EvalData, model: onnx.ModelProto, output: str | None = None) -> Metric:
     """Pick the metric for a run.
 
     Args:
-        spec: None (top-1 accuracy if the data has labels ``y``, else top-1 agreement with
-            the uncompressed model), ``top1_accuracy``, ``top1_agreement`` or
+        spec: None (top-1 accuracy if the data has labels ``y``, else expected accuracy under
+            the uncompressed model's probabilities), a built-in name (``BUILTIN``) or
             ``package.module:function``.
         data: the evaluation data (labels are checked here).
         model: the model whose outputs the metric reads.
         output: the output built-in metrics read (default: the first).
 
     Raises:
-        InputError: unknown output; accuracy without labels; labels out of range of the
-            output width; a custom metric that cannot be imported or is not callable.
+        InputError: unknown output or metric name; accuracy without labels; labels out of
+            range of the output width; a custom metric that cannot be imported or is not callable.
     """
     out_names = [o.name for o in model.graph.output]
     if not out_names:
@@ -320,19 +445,29 @@ def resolve_metric(spec: str | None, data: EvalData, model: onnx.ModelProto, out
     index = out_names.index(output) if output is not None else 0
     name = out_names[index]
     if spec is None:
-        spec = TOP1_ACCURACY if data.labels is not None else TOP1_AGREEMENT
+        spec = TOP1_ACCURACY if data.labels is not None else EXPECTED_ACCURACY
+    of = f"output {name!r}" + (f" (of {len(out_names)} outputs)" if len(out_names) > 1 else "")
     if spec == TOP1_ACCURACY:
         if data.labels is None:
-            raise InputError("metric top1_accuracy needs integer labels 'y' in the data; add them, or omit --metric to measure top-1 agreement with the uncompressed model")
+            raise InputError("metric top1_accuracy needs integer labels 'y' in the data; add them, or omit --metric "
+                             "to estimate the accuracy change without labels (expected_accuracy)")
         width = _static_width(model, index)
         if width is not None:
             _check_labels(data.labels, width, name)
-        metric = Metric(TOP1_ACCURACY, Top1Accuracy(index, name), False, name)
+        metric = Metric(TOP1_ACCURACY, Top1Accuracy(index, name), False, name, f"top-1 accuracy against labels y, {of}")
+    elif spec == EXPECTED_ACCURACY:
+        rank = _declared_rank(model, index)
+        how = ("expected top-1 accuracy under the uncompressed model's probabilities (label-free), " + of)
+        if rank is None or rank > 2:
+            how += ("; an output with several class distributions per sample is read as [samples, ..., classes], "
+                    "the mean over positions (check that its last axis holds class scores, else pass --metric)")
+        metric = Metric(EXPECTED_ACCURACY, ExpectedAccuracy(index, name), True, name, how)
     elif spec == TOP1_AGREEMENT:
-        metric = Metric(TOP1_AGREEMENT, Top1Agreement(index, name), True, name)
+        metric = Metric(TOP1_AGREEMENT, Top1Agreement(index, name), True, name,
+                        f"top-1 agreement with the uncompressed model (label-free; every flip counts fully), {of}")
     elif ":" in spec:
-        metric = Metric(spec, _load_custom(spec))
+        metric = Metric(spec, _load_custom(spec), description=f"custom metric {spec}")
     else:
-        raise InputError(f"--metric {spec!r}: expected top1_accuracy, top1_agreement or package.module:function")
-    logger.info("metric: %s%s", metric.name, f" on output {metric.output!r}" if metric.output else "")
+        raise InputError(f"--metric {spec!r}: expected {', '.join(BUILTIN)} or package.module:function")
+    logger.info("metric: %s", metric.description)
     return metric

@@ -24,14 +24,15 @@ from onnxws.config import RUN_KEYS, CompressConfig
 from onnxws.discovery import Discovery
 from onnxws.emit_check import emit_stage
 from onnxws.errors import UsageError
-from onnxws.exploration import SearchContext
+from onnxws.exploration import SearchContext, loss_unit
 from onnxws.layer_search import choose_granularities, layer_sensitivity
-from onnxws.loading import load_stage, save_model_atomic
+from onnxws.loading import Loaded, load_stage, save_model_atomic
 from onnxws.proto import without_payloads
 from onnxws import report_html
 from onnxws.report import build_report
 from onnxws.scoring import Scorer
 from onnxws.sharing import SharedWeight
+from onnxws.statistics import set_resolution
 from onnxws.uniform import uniform_stage
 from onnxws.verification import search_stage
 
@@ -106,9 +107,13 @@ def compress(
     with _timed(timings, "setup"):  # the biases that bias correction rewrites are scored with their weights
         refine_plan = refinement_plan(loaded.proto, loaded.discovery, config)
         scored = [w.name for w in loaded.discovery.weights] + [b.name for b in refine_plan.biases.values()]
-        scorer = Scorer(loaded.proto, scored, loaded.data, loaded.metric, device=config.device,
+        scorer = Scorer(loaded.proto, scored, loaded.data, loaded.metric, device=config.device, holdout=loaded.n_holdout,
                         search_samples=config.search_samples, batch_size=config.batch_size, cache=_open_cache(cache))
     try:
+        with _timed(timings, "setup"):
+            resolution = set_resolution(loaded.metric, scorer.whole_reference(), loaded.data, _output_names(loaded),
+                                        config.loss_mode, seed=config.seed)
+            _warn_below_resolution(config, resolution)
         with _timed(timings, "setup"):  # the scorer holds the weights now; encoding puts them back
             loaded.proto, _ = without_payloads(loaded.proto, scorer.originals)
         with _timed(timings, "calibrate"):
@@ -140,7 +145,8 @@ def compress(
                                  baseline_full=baseline["full"], loss_full=ctx.known(searched.chosen, "full"))
         notify("emit", 1, 1, "verified")
         timings["total"] = time.perf_counter() - t_total
-        report = build_report(loaded, scorer, ctx, config, candidates, refine_plan, uniform, searched, emitted, timings)
+        report = build_report(loaded, scorer, ctx, config, candidates, refine_plan, uniform, searched, emitted,
+                              resolution, timings)
     finally:
         scorer.close()
     return Result(emitted.encoded.model, report, config, loaded.bytes_before, shared)
@@ -173,6 +179,18 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 def _silent(stage: str, done: int, total: int, message: str) -> None:
     """The progress callback of a run without one."""
+
+
+def _output_names(loaded: Loaded) -> list[str]:
+    return [o.name for o in loaded.proto.graph.output]
+
+
+def _warn_below_resolution(config: CompressConfig, resolution: float | None) -> None:
+    """One warning line when the budget asks for less than the evaluation set can resolve."""
+    if resolution is not None and config.loss < resolution:
+        logger.warning("--loss %g %s is below this evaluation set's resolution of %.2f %s (the 95%% half-width of the "
+                       "metric on it): more samples, or more groups, would resolve it", config.loss,
+                       loss_unit(config.loss_mode), resolution, loss_unit(config.loss_mode))
 
 
 def _widths(discovery: Discovery, config: CompressConfig) -> list[int]:

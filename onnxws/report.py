@@ -25,8 +25,20 @@ from onnxws.proto import default_opset, message_bytes, model_weight_bytes
 from onnxws.refinement import Plan
 from onnxws.scoring import Scorer
 from onnxws.sharing import index_bits
+from onnxws.statistics import CONFIDENCE
 from onnxws.uniform import UniformBaseline
 from onnxws.verification import EDGE_MIN_PROBABILITY, Searched
+
+
+def _resolution_note(config: CompressConfig, resolution: float | None) -> str | None:
+    unit = loss_unit(config.loss_mode)
+    if resolution is None:
+        return ("the unmodified model's outcomes do not vary on this set (top-1 agreement with itself, or every "
+                "sample right): its resolution cannot be stated")
+    if config.loss < resolution:
+        return (f"the budget of {config.loss:g} {unit} is below this set's resolution of {resolution:.2f} {unit}: "
+                "differences that small are within its sampling error")
+    return None
 
 
 def versions() -> dict[str, str]:
@@ -37,8 +49,9 @@ def versions() -> dict[str, str]:
 
 def build_report(loaded: Loaded, scorer: Scorer, ctx: SearchContext, config: CompressConfig, candidates: Candidates,
                  refine_plan: Plan, uniform: UniformBaseline, searched: Searched, emitted: Emitted,
-                 timings: dict[str, float]) -> dict:
-    """The report dict (``report.json``) of one run."""
+                 resolution: float | None, timings: dict[str, float]) -> dict:
+    """The report dict (``report.json``) of one run; ``resolution``: ``statistics.set_resolution``
+    of the whole evaluation set."""
     proto, discovery, eval_data = loaded.proto, loaded.discovery, loaded.data
     shares, output_errors, refined_rows = candidates.shares, candidates.output_errors, candidates.refined_rows
     verification, proxy_stats, growth = searched.verification, searched.proxy_stats, searched.growth
@@ -111,13 +124,20 @@ def build_report(loaded: Loaded, scorer: Scorer, ctx: SearchContext, config: Com
                   "opset": default_opset(proto), "params_total": int(all_bits // 32),
                   "params_shared": int(sum(info_by_name[n].params for n in chosen))},
         "data": {"path": loaded.data_path, "n_full": scorer.n_full, "n_search": scorer.n_search,
+                 "n_holdout": scorer.n_holdout, "n_samples": eval_data.n,
+                 "groups": None if eval_data.groups is None else int(len(np.unique(eval_data.groups))),
                  "fingerprint": eval_data.fingerprint()},
         "metric": loaded.metric.name,
+        "metric_description": loaded.metric.description,
         "device": scorer.provider,
         "engine": scorer.engine,
         "budget": {"loss": config.loss, "mode": mode, "unit": unit},
         "baseline": {"value": ctx.baseline["full"], "value_search": ctx.baseline["search"]},
-        "final": {"value": emitted.value,
+        "final": {"holdout": None if emitted.holdout is None else emitted.holdout.as_dict(),
+                  "whole": emitted.whole.as_dict(), "full": emitted.full.as_dict(),
+                  "resolution": resolution, "confidence": CONFIDENCE,
+                  "resolution_note": _resolution_note(config, resolution),
+                  "value": emitted.value,
                   "value_search": None if ctx.known(chosen) is None else value_after_loss(ctx.baseline["search"], ctx.known(chosen), mode),
                   "loss": emitted.loss, "loss_unit": unit, "loss_search": ctx.known(chosen),
                   "value_scorer_full": emitted.scorer_value, "k": dict(chosen)},

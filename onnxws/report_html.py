@@ -166,14 +166,58 @@ def _num(v: Any, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec) if isinstance(v, (int, float)) else html.escape(str(v))
 
 
+def _measured(entry: dict | None, unit: str) -> str:
+    """``0.550 pp [0.200, 0.950], 2000 samples`` (the loss, its 95 % interval, the set's size)."""
+    if not entry:
+        return "–"
+    groups = f" in {entry['groups']} groups" if entry.get("groups") else ""
+    low, high = entry["interval"]
+    return f"{entry['loss']:.3f} {unit} [{low:.3f}, {high:.3f}], {entry['samples']} samples{groups}"
+
+
+def _interval_cards(f: dict, unit: str) -> list[tuple[str, str, str]]:
+    """(label, value, note) cards of the held-out and whole-set losses and the resolution."""
+    cards = []
+    for key, label in (("holdout", "Loss, held-out"), ("whole", "Loss, whole set")):
+        entry = f.get(key)
+        if entry:
+            low, high = entry["interval"]
+            groups = f", {entry['groups']} groups" if entry.get("groups") else ""
+            cards.append((label, f"{entry['loss']:.3f} {unit}",
+                          f"95% interval [{low:.3f}, {high:.3f}]; {entry['samples']} samples{groups}"))
+    if "whole" in f:
+        resolution = f.get("resolution")
+        cards.append(("Resolution", f"{resolution:.3f} {unit}" if resolution is not None else "–",
+                      html.escape(f.get("resolution_note") or "95% half-width of the unmodified model's metric on this set")))
+    return cards
+
+
+def _loss_rows(report: dict, unit: str) -> list[tuple[str, str]]:
+    """The loss rows, the held-out one first: held-out, whole set, searched set vs the budget, resolution."""
+    f = report["final"]
+    budget = f"budget {report['budget']['loss']:g} {unit}"
+    if "whole" not in f:  # a report of an earlier version
+        return [("Accuracy loss", f"{f['loss']:.3f} {unit} ({budget})")]
+    rows = []
+    if f.get("holdout"):
+        rows.append(("Loss, held-out samples (95% interval)", _measured(f["holdout"], unit)))
+    rows.append(("Loss, whole set (95% interval)", _measured(f["whole"], unit)))
+    rows.append(("Loss, searched set vs budget", f"{f['loss']:.3f} {unit} ({budget})"))
+    resolution = f.get("resolution")
+    rows.append(("Resolution of the set", f"{resolution:.3f} {unit}" if resolution is not None else "cannot be stated"))
+    if f.get("resolution_note"):
+        rows.append(("Note", f["resolution_note"]))
+    return rows
+
+
 def summary_rows(report: dict) -> list[tuple[str, str]]:
     """Key figures as (label, value) pairs, for the terminal and the HTML card."""
     b, f, c, e = report["baseline"], report["final"], report["compression"], report["exploration"]
     unit = "pp" if f["loss_unit"] == "pp" else "% of baseline"
     rows = [
         ("Metric", report["metric"]),
-        ("Baseline -> final (full set)", f"{_pct(b['value'])} -> {_pct(f['value'])}"),
-        ("Accuracy loss", f"{f['loss']:.3f} {unit} (budget {report['budget']['loss']:g} {unit})"),
+        ("Baseline -> final (searched set)", f"{_pct(b['value'])} -> {_pct(f['value'])}"),
+        *_loss_rows(report, unit),
         ("CR, shared tensors (theoretical)", f"{c['ratio_theoretical']:.2f}x"),
         ("CR, whole model (theoretical)", f"{c['ratio_whole_theoretical']:.2f}x"),
         ("File ratio (bytes in / bytes out)", f"{c['ratio_file']:.2f}x ({_bytes(c['bytes_before'])} -> {_bytes(c['bytes_after'])})"),
@@ -184,7 +228,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     ]
     u = report.get("uniform_baseline")
     if u:
-        rows.insert(4, ("Uniform k baseline", f"k={u['k']}: {u['ratio_theoretical']:.2f}x at {u['loss']:.3f} {unit}"))
+        at = next(i for i, (label, _) in enumerate(rows) if label.startswith("CR, shared")) + 1
+        rows.insert(at, ("Uniform k baseline", f"k={u['k']}: {u['ratio_theoretical']:.2f}x at {u['loss']:.3f} {unit}"))
     return rows
 
 
@@ -230,8 +275,9 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
     name = Path(report.get("model", {}).get("path") or "model").name
     cards = [
         ("Accuracy", f"{_pct(b['value'])} → {_pct(f['value'])}", f"{esc(report['metric'])}, full set ({report['data']['n_full']} samples)"),
-        ("Loss", f"{f['loss']:.3f} {unit}", f"budget {report['budget']['loss']:g} {unit}; search subset {_num(f.get('loss_search'))}"),
-        ("CR shared tensors", f"{c['ratio_theoretical']:.2f}×", "theoretical, DESIGN.md definition"),
+        ("Loss", f"{f['loss']:.3f} {unit}", f"searched set; budget {report['budget']['loss']:g} {unit}; search subset {_num(f.get('loss_search'))}"),
+        *_interval_cards(f, unit),
+        ("CR shared tensors", f"{c['ratio_theoretical']:.2f}×", "theoretical: stored bits of the shared tensors vs fp32/fp16"),
         ("CR whole model", f"{c['ratio_whole_theoretical']:.2f}×", "theoretical, unshared tensors at full size"),
         ("File ratio", f"{c['ratio_file']:.2f}×", f"{_bytes(c['bytes_before'])} → {_bytes(c['bytes_after'])}"),
         ("Packing efficiency", f"{c['packing_efficiency']:.3f}", f"graph overhead {_bytes(c.get('graph_overhead_bytes'))}"),
@@ -321,6 +367,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 <div class="sub">{esc(report.get('created', ''))} · strategy <code>{esc(e['strategy'])}</code> · budget {report['budget']['loss']:g} {unit} ({esc(report['budget']['mode'])})</div>
 <div class="cards">{card_html}</div>
 <div class="compare">{compare}</div>
+<p>Metric: {esc(report.get("metric_description") or report["metric"])}.</p>
 <h2>Layers</h2>{refine_html}{layers_html}
 <h2>Exploration</h2>
 <div class="plots"><img alt="Pareto plot" src="data:image/png;base64,{img['pareto']}"><img alt="Layer sensitivity plot" src="data:image/png;base64,{img['sensitivity']}"></div>

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from onnxws.cache import ScoreCache
-from onnxws.data import Batch, EvalData, concat_outputs, default_batch_size, fixed_batch, plan_batches
+from onnxws.data import Batch, EvalData, concat_outputs, default_batch_size, fixed_batch, join_outputs, plan_batches
 from onnxws.engines import Cut, InputsEngine, SessionEngine, plan_cut, prefix_model, prepare, producer_model, suffix_model
 from onnxws.errors import InputError, OnnxwsError, UsageError, one_line
 from onnxws.executors import Executor, LocalExecutor, Measurement
@@ -31,7 +31,7 @@ from onnxws.metrics import Metric, output_divergence, squared_sum
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "session", "inputs")
-SUBSETS = ("search", "full")
+SUBSETS = ("search", "full", "holdout")
 ACTIVATION_BUDGET = 1 << 30
 """Default bytes of prefix activations kept for suffix runs (all cuts and subsets together)."""
 _DIVERGENCE_KEY = "|divergence"  # the cache row of a candidate's output divergence: its key + this
@@ -77,6 +77,9 @@ class Scorer:
         metric: what a score is (higher is better).
         device: ``auto``, ``cpu`` or ``cuda``.
         search_samples: size of the search subset (the first samples, unshuffled).
+        holdout: the last ``holdout`` samples of ``data`` are held out: the ``full`` set is the
+            samples before them, ``holdout`` a subset of its own the search never scores
+            (``data.holdout_split`` orders the data so).
         batch_size: samples per run (default: up to 1000, bounded by input bytes); a fixed
             batch axis in the model overrides it.
         cache: persistent score cache, or None (scores are still memoised in memory).
@@ -108,6 +111,7 @@ class Scorer:
         *,
         device: str = "auto",
         search_samples: int = 2000,
+        holdout: int = 0,
         batch_size: int | None = None,
         cache: ScoreCache | None = None,
         engine: str = "auto",
@@ -132,9 +136,14 @@ class Scorer:
         self._prepared = prepare(model, self.weight_names)
         self._originals = {n: self._prepared.stored[n] for n in self.weight_names}
         self._output_names = [o.name for o in model.graph.output]
-        self.n_full = data.n
-        self.n_search = min(search_samples, data.n)
-        self._data = {"search": data.head(self.n_search), "full": data}
+        if not 0 <= holdout < data.n:
+            raise UsageError(f"holdout of {holdout} samples: must leave at least one of the {data.n} samples to search on")
+        self.n_full = data.n - holdout
+        self.n_holdout = holdout
+        self.n_search = min(search_samples, self.n_full)
+        self._data = {"search": data.head(self.n_search), "full": data.head(self.n_full)}
+        if holdout:
+            self._data["holdout"] = data.tail(holdout)
         self._fixed_batch = fixed_batch(model, data.input_names)
         self.batch_size = self._fixed_batch or batch_size or default_batch_size(data)
         self._batches: dict[str, list[Batch]] = {}
@@ -155,7 +164,7 @@ class Scorer:
         self._activations: dict[tuple[frozenset[str], str], list[dict[str, np.ndarray]] | None] = {}
         self._activation_bytes = 0
         self._hasher: ThreadPoolExecutor | None = None
-        self._key_prefix = {s: self._context_key(s) for s in SUBSETS}
+        self._key_prefix = {s: self._context_key(s) for s in self._data}
         self._shared_arena = shared_cpu_arena()
         self._engine = self._start(engine)
         self.engine = self._engine.name
@@ -320,6 +329,35 @@ class Scorer:
             self._compute_baseline(subset)
         return self._reference[subset]
 
+    def whole_reference(self) -> list[np.ndarray]:
+        """Outputs of the unmodified model on every sample: the full set, then the held-out ones."""
+        full = self.reference_outputs("full")
+        if not self.n_holdout:
+            return full
+        return join_outputs([full, self.reference_outputs("holdout")], [self.n_full, self.n_holdout])
+
+    def baseline(self, subset: str) -> float:
+        """Metric of the unmodified model on ``subset`` (computed on first use)."""
+        self._check_subset(subset)
+        if subset not in self._baseline:
+            self._compute_baseline(subset)
+        return self._baseline[subset]
+
+    def baseline_outcomes(self, subset: str) -> np.ndarray | None:
+        """Per-sample outcomes of the unmodified model on ``subset`` (None: a metric without them)."""
+        self._check_subset(subset)
+        per_sample = self.metric.per_sample
+        if per_sample is None:
+            return None
+        if subset not in self._outcomes:
+            self._outcomes[subset] = per_sample(self.reference_outputs(subset), self._metric_data(subset))
+        return self._outcomes[subset]
+
+    def subset_data(self, subset: str) -> EvalData:
+        """The samples of ``subset``."""
+        self._check_subset(subset)
+        return self._data[subset]
+
     def key(self, candidate: Mapping[str, np.ndarray], subset: str = "search") -> str:
         """Cache key: model, data, subset size, metric, provider and the candidate's arrays by name."""
         names = sorted(candidate)
@@ -356,8 +394,8 @@ class Scorer:
     # -- internals ------------------------------------------------------------------------
 
     def _context_key(self, subset: str) -> str:
-        n = self.n_search if subset == "search" else self.n_full
-        data_fp = self._data["full"].fingerprint()
+        n = {"search": self.n_search, "full": self.n_full}.get(subset, f"holdout{self.n_holdout}")
+        data_fp = self._data["holdout" if subset == "holdout" else "full"].fingerprint()
         return f"onnxws-score-v1|{self._prepared.digest}|{data_fp}|{n}|{self.metric.identity()}|{self.provider}"
 
     def _cached(self, key: str) -> tuple[float, float, float | None] | None:
@@ -371,8 +409,9 @@ class Scorer:
         return None
 
     def _check_subset(self, subset: str) -> None:
-        if subset not in SUBSETS:
-            raise ValueError(f"subset {subset!r}: expected 'search' or 'full'")
+        if subset not in self._data:
+            expected = "'search', 'full' or 'holdout'" if self.n_holdout else "'search' or 'full' (nothing is held out)"
+            raise ValueError(f"subset {subset!r}: expected {expected}")
 
     def _check_candidate(self, candidate: Mapping[str, np.ndarray]) -> None:
         for name, array in candidate.items():
@@ -524,10 +563,8 @@ class Scorer:
         per_sample = self.metric.per_sample
         if per_sample is None:
             return float(self.metric.fn(outputs, data)), None
-        if subset not in self._outcomes:
-            self._outcomes[subset] = per_sample(self.reference_outputs(subset), data)
         outcomes = per_sample(outputs, data)  # the metric is their mean (Metric.per_sample)
-        return float(np.mean(outcomes)), float(np.mean(np.square(outcomes - self._outcomes[subset])))
+        return float(np.mean(outcomes)), float(np.mean(np.square(outcomes - self.baseline_outcomes(subset))))
 
     def _divergence(self, outputs: list[np.ndarray], subset: str) -> float:
         reference = self.reference_outputs(subset)

@@ -118,3 +118,25 @@ def test_dropping_the_models_weight_payloads_changes_nothing(monkeypatch):
     assert dropped.model.SerializeToString(deterministic=True) == plain.model.SerializeToString(deterministic=True)
     assert dropped.report["model"]["sha256"] == plain.report["model"]["sha256"]
     assert dropped.report["compression"] == plain.report["compression"]
+
+
+def test_a_budget_below_the_sets_resolution_is_warned_about_and_noted(caplog):
+    """60 samples with random labels (about 10 % right): the metric's 95 % half-width on that set is
+    several pp, so a 2 pp budget asks for less than the set can resolve: one warning, and a note in
+    the report; nothing is held out of so small a set."""
+    import logging
+
+    from graphs import lenet_like
+
+    model = lenet_like(seed=4)
+    rng = np.random.default_rng(0)
+    data = {"x": rng.normal(size=(60, 1, 8, 8)).astype(np.float32), "y": rng.integers(0, 10, 60)}
+    with caplog.at_level(logging.WARNING, logger="onnxws"):
+        result = onnxws.compress(model, data, loss=2.0, cache=False,
+                                 config=onnxws.CompressConfig.from_dict({"global": {"min_params": 16}}))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "resolution" in r.getMessage()]
+    final = result.report["final"]
+    assert len(warnings) == 1 and f"{final['resolution']:.2f}" in warnings[0]
+    assert final["resolution"] > 2.0 and "below this set's resolution" in final["resolution_note"]
+    assert final["holdout"] is None and result.report["data"]["n_holdout"] == 0
+    assert final["whole"]["samples"] == 60 and final["whole"]["loss"] == pytest.approx(final["loss"])

@@ -58,11 +58,20 @@ def test_compress_shipped_lenet_within_budget(lenet_dir):
     for layer in report["layers"]:
         if layer["k"]:
             assert len(np.unique(rebuilt[layer["name"]])) <= layer["k"]
-    # `onnxws evaluate` on the emitted file gives the report's final figure
+    # 10,000 samples: the last 2,000 held out of the search; the losses come with 95 % intervals
+    assert report["data"]["n_samples"] == 10000 and report["data"]["n_holdout"] == 2000 and report["data"]["n_full"] == 8000
+    holdout, whole = final["holdout"], final["whole"]
+    assert (holdout["samples"], whole["samples"], final["full"]["samples"]) == (2000, 10000, 8000)
+    for entry in (holdout, whole, final["full"]):
+        assert entry["interval"][0] <= entry["loss"] <= entry["interval"][1]
+    assert final["full"]["loss"] == pytest.approx(final["loss"])
+    assert whole["loss"] == pytest.approx((8000 * final["full"]["loss"] + 2000 * holdout["loss"]) / 10000)
+    assert 0 < final["resolution"] < 1 and final["resolution_note"] is None  # 10,000 samples resolve a 1 pp budget
+    # `onnxws evaluate` on the emitted file gives the report's whole-set figure
     result = runner.invoke(app, ["evaluate", str(out), "--data", str(lenet_dir / "eval.npz"), "--json"])
     assert result.exit_code == 0, result.output
     measured = json.loads(result.stdout)
-    assert measured["metric"] == "top1_accuracy" and measured["value"] == pytest.approx(final["value"], abs=1e-9)
+    assert measured["metric"] == "top1_accuracy" and measured["value"] == pytest.approx(whole["value"], abs=1e-9)
     # existing output without --force: exit 1, nothing replaced
     stamp = sha(out)
     result = runner.invoke(app, ["compress", str(model), "--no-cache", "--quiet"])
@@ -93,7 +102,7 @@ def test_no_bias_correction_and_no_grow_subset_flags_reach_the_pipeline(lenet_di
 def test_every_run_option_is_a_flag_that_reaches_the_config(lenet_dir, tmp_path):
     """The command line is built from config.RUN_OPTIONS: each option given as a flag is the value
     the run's resolved config records; batch takes the ones a batch sets for every model."""
-    given = {"loss": 2.0, "loss_mode": "absolute", "device": "cpu", "search_samples": 500, "batch_size": 250,
+    given = {"loss": 2.0, "loss_mode": "absolute", "device": "cpu", "search_samples": 500, "holdout": 0.25, "batch_size": 250,
              "metric": "tests_metrics:accuracy", "output": "logits", "strategy": "greedy", "predictor": "additive",
              "edge_tries": 1, "grow_subset": False, "refine": False, "bias_correction": False, "time_budget": 300.0,
              "max_scorings": 400, "seed": 5, "opset": 17}

@@ -44,7 +44,7 @@ def test_ks_drops_widths_whose_k_repeats():
     ({"batch_size": 0}, "batch_size = 0"), ({"max_scorings": 0}, "max_scorings = 0"),
     ({"time_budget": 0.0}, "time_budget = 0.0: expected a finite number of seconds > 0"),
     ({"time_budget": -5}, "time_budget = -5"), ({"time_budget": float("inf")}, "time_budget = inf"),
-    ({"metric": "nocolon"}, "metric = 'nocolon': expected \"package.module:function\""),
+    ({"metric": "nocolon"}, "metric = 'nocolon': expected one of expected_accuracy, top1_accuracy, top1_agreement or \"package.module:function\""),
     ({"metric": "pkg.mod:"}, "metric = 'pkg.mod:'"), ({"output": ""}, "output = ''"),
     ({"seed": -1}, "seed = -1"), ({"seed": 2**64}, "seed = "), ({"opset": 3}, "opset = 3"),
 ])
@@ -71,7 +71,7 @@ def test_invalid_run_options_name_key_value_and_allowed(kwargs, needle):
     ({"global": {"granularity": "row"}}, "global.granularity = 'row': expected tensor, channel, group:N"),
     ({"global": {"granularity": "group:0"}}, "global.granularity = 'group:0'"),
     ({"global": {"granularity": 4}}, "got an integer"),
-    ({"global": {"colour": 1}}, "[global]: unknown key 'colour'; allowed: loss, loss_mode,"),
+    ({"global": {"paint": 1}}, "[global]: unknown key 'paint'; allowed: loss, loss_mode,"),
     ({"global": {"los": 1}}, "did you mean 'loss'?"),
     ({"global": {"loss-mode": "relative"}}, "unknown key 'loss-mode' (keys are snake_case: write 'loss_mode')"),
     ({"globals": {}}, "unknown top-level key or table 'globals'; allowed tables: [global], [op_type.<OpType>]"),

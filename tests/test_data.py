@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxws.data import EvalData, find_sidecar_data, load_data
+from onnxws.data import EvalData, find_sidecar_data, holdout_split, load_data
 from onnxws.errors import InputError
 
 
@@ -186,3 +186,46 @@ def test_find_sidecar_data(tmp_path):
 def test_evaldata_is_a_plain_dataclass():
     data = EvalData({"img": np.zeros((2, 3), np.float32)}, ["img"], 2)
     assert data.labels is None and data.head(1).n == 1
+
+
+def test_group_ids_are_checked_and_a_model_input_named_group_is_an_input():
+    model = gemm_model()
+    img = np.ones((6, 3), np.float32)
+    data = load_data({"img": img, "group": np.array([0, 0, 1, 1, 2, 2])}, model)
+    assert data.groups.tolist() == [0, 0, 1, 1, 2, 2]
+    assert load_data({"img": img}, model).groups is None
+    with pytest.raises(InputError, match="group ids 'group' must be a 1-D integer array"):
+        load_data({"img": img, "group": np.zeros(6, np.float32)}, model)
+    named = gemm_model()
+    named.graph.input[0].name = "group"
+    named.graph.node[0].input[0] = "group"
+    assert load_data({"group": img}, named).groups is None  # that array feeds the model
+
+
+def test_holdout_split_without_groups_holds_out_the_last_samples():
+    model = gemm_model()
+    img = np.arange(3000, dtype=np.float32).reshape(1000, 3)
+    data = load_data({"img": img}, model)
+    ordered, held = holdout_split(data, None)  # the default on a set of 1,000: 20 %
+    assert held == 200 and ordered is data and ordered.tail(held).arrays["img"][0, 0] == 2400
+    assert holdout_split(data, 0.0) == (data, 0)
+    assert holdout_split(data, 0.05)[1] == 50
+    small = data.head(999)
+    assert holdout_split(small, None) == (small, 0)  # too few samples to spare any by default
+    assert holdout_split(small, 0.1)[1] == 100  # asked for: held out anyway
+
+
+def test_holdout_split_with_groups_holds_out_whole_groups():
+    """12 groups of views, interleaved (views of photographs in turn): the last groups by first
+    appearance go to the held-out part whole, the rest keep their order."""
+    model = gemm_model()
+    n = 1200
+    groups = np.arange(n) % 12
+    data = load_data({"img": np.arange(3 * n, dtype=np.float32).reshape(n, 3), "group": groups}, model)
+    ordered, held = holdout_split(data, None)
+    searched, out = ordered.head(n - held).groups, ordered.tail(held).groups
+    assert held == 300 and set(out.tolist()) == {9, 10, 11} and not set(searched.tolist()) & set(out.tolist())
+    assert np.all(np.diff(ordered.head(n - held).arrays["img"][:, 0]) > 0)  # original order kept
+    few = load_data({"img": np.zeros((1000, 3), np.float32), "group": np.arange(1000) % 5}, model)
+    assert holdout_split(few, None)[1] == 0  # 5 groups: too few to hold any out by default
+    assert holdout_split(few, 0.5)[1] == 600  # asked for: at least half, in whole groups (3 of 5)

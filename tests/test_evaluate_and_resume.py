@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -47,7 +48,8 @@ def test_evaluate_matches_an_independent_ort_run(tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["metric"] == "top1_accuracy" and out["value"] == float(np.mean(logits.argmax(1) == y))
-    # label-free data: top-1 agreement with a reference model (itself: 1.0; a perturbed copy: independent count)
+    # label-free data: expected accuracy under a reference model's probabilities by default, top-1
+    # agreement by name (a perturbed copy against the original: independent counts)
     np.savez(tmp_path / "free.npz", **feeds)
     other = onnx.ModelProto()
     other.CopyFrom(model)
@@ -55,12 +57,19 @@ def test_evaluate_matches_an_independent_ort_run(tmp_path):
         numpy_helper.to_array(model.graph.initializer[0]) * np.float32(-0.5) + np.float32(0.3), "wa"))
     other_path = tmp_path / "other.onnx"
     onnx.save(other, str(other_path))
-    expected = float(np.mean(ort.InferenceSession(str(other_path)).run(["logits"], feeds)[0].argmax(1) == logits.argmax(1)))
+    top = ort.InferenceSession(str(other_path)).run(["logits"], feeds)[0].argmax(1)
+    expected = float(np.mean(top == logits.argmax(1)))
     result = runner.invoke(app, ["evaluate", str(other_path), "--data", str(tmp_path / "free.npz"),
-                                 "--reference", str(path), "--json"])
+                                 "--reference", str(path), "--metric", "top1_agreement", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["metric"] == "top1_agreement" and out["value"] == expected
+    p = np.exp(logits - logits.max(1, keepdims=True)).astype(np.float64)
+    p /= p.sum(1, keepdims=True)
+    result = runner.invoke(app, ["evaluate", str(other_path), "--data", str(tmp_path / "free.npz"),
+                                 "--reference", str(path), "--json"])
+    out = json.loads(result.stdout)
+    assert out["metric"] == "expected_accuracy" and out["value"] == pytest.approx(float(p[np.arange(50), top].mean()), rel=1e-5)
     missing = runner.invoke(app, ["evaluate", str(other_path), "--data", str(tmp_path / "free.npz")])
     assert missing.exit_code == 1 and "--reference" in missing.output
 

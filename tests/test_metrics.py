@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxws.data import load_data
 from onnxws.errors import InputError
-from onnxws.metrics import CustomMetric, Metric, reference_key, resolve_metric
+from onnxws.metrics import BUILTIN, CustomMetric, Metric, log_normaliser, reference_key, resolve_metric
 
 # Gemm with W = [[1, 0], [0, 1], [1, 1]] (transB): logits = [x0, x1, x0 + x1]; second output = -logits.
 W = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
@@ -56,7 +56,7 @@ def test_top1_accuracy_on_named_output():
 def test_top1_agreement_by_hand():
     model = gemm_model()
     data = load_data({"x": X}, model)
-    metric = resolve_metric(None, data, model)
+    metric = resolve_metric("top1_agreement", data, model)
     assert metric.name == "top1_agreement" and metric.needs_reference
     reference = run(model, X)
     arrays = dict(data.arrays) | {reference_key("logits"): reference[0], reference_key("neg"): reference[1]}
@@ -65,6 +65,87 @@ def test_top1_agreement_by_hand():
     changed = gemm_model()
     changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(W * np.array([[0], [1], [1]], np.float32), "W"))
     assert metric.fn(run(changed, X), arrays) == pytest.approx(3 / 4)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def probability_model() -> onnx.ModelProto:
+    """The Gemm model with a Softmax: outputs 'probs' (probabilities) and 'logits'."""
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["logits"], transB=1), helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3]),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(W, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_expected_accuracy_is_the_default_without_labels_and_reads_logits_or_probabilities(output):
+    """Label-free default: the reference's probability of the candidate's top-1 class. The same
+    figure whether the model outputs probabilities (used as they are) or logits (softmaxed)."""
+    model = probability_model()
+    data = load_data({"x": X}, model)
+    metric = resolve_metric(None, data, model, output=output)
+    assert metric.name == "expected_accuracy" and metric.needs_reference and metric.output == output
+    assert "label-free" in metric.description
+    reference = run(model, X)
+    arrays = dict(data.arrays) | {reference_key("probs"): reference[0], reference_key("logits"): reference[1]}
+    p = _softmax(reference[1].astype(np.float64))
+    assert metric.fn(reference, arrays) == pytest.approx(float(np.mean(p.max(axis=1))), abs=1e-6)  # its own top-1
+    changed = probability_model()  # first row of W lost: logits [0, x1, x0 + x1], top-1 [2, 1, 2, 0]
+    changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(W * np.array([[0], [1], [1]], np.float32), "W"))
+    outcomes = metric.fn.outcomes(run(changed, X), arrays)
+    np.testing.assert_allclose(outcomes, p[np.arange(4), [2, 1, 2, 0]], rtol=1e-6)
+    assert (log_normaliser(reference[0]) is None) and (log_normaliser(reference[1]) is not None)
+
+
+def test_expected_accuracy_charges_a_near_tie_flip_little_and_a_confident_flip_fully():
+    """Two samples flip their top-1: one between near-tied classes (0.50 vs 0.49) costs 0.01, one
+    away from a confident class (0.98) costs 0.97; top-1 agreement charges both fully."""
+    model = probability_model()
+    data = load_data({"x": X[:2]}, model)
+    reference_probs = np.array([[0.50, 0.49, 0.01], [0.98, 0.01, 0.01]], np.float32)
+    candidate_probs = np.array([[0.40, 0.59, 0.01], [0.01, 0.98, 0.01]], np.float32)  # both flip to class 1
+    arrays = dict(data.arrays) | {reference_key("probs"): reference_probs, reference_key("logits"): np.log(reference_probs)}
+    expected = resolve_metric("expected_accuracy", data, model)
+    agreement = resolve_metric("top1_agreement", data, model)
+    np.testing.assert_allclose(expected.fn.outcomes([candidate_probs, np.log(candidate_probs)], arrays), [0.49, 0.01], rtol=1e-5)
+    baseline = expected.fn([reference_probs, np.log(reference_probs)], arrays)
+    loss_near, loss_confident = 0.50 - 0.49, 0.98 - 0.01
+    assert baseline - expected.fn([candidate_probs, None], arrays) == pytest.approx((loss_near + loss_confident) / 2, abs=1e-6)
+    assert agreement.fn([candidate_probs, None], arrays) == 0.0  # both count as errors
+    # log-probabilities are softmaxed back to the same probabilities
+    on_logs = resolve_metric("expected_accuracy", data, model, output="logits")
+    np.testing.assert_allclose(on_logs.fn.outcomes([None, np.log(candidate_probs)], arrays), [0.49, 0.01], rtol=1e-5)
+
+
+def test_expected_accuracy_on_a_sequence_output_is_the_mean_over_positions():
+    model = probability_model()
+    data = load_data({"x": X[:2]}, model)
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(2, 5, 7)).astype(np.float32)  # [samples, positions, classes] logits
+    candidate = reference + rng.normal(scale=0.8, size=reference.shape).astype(np.float32)
+    metric = resolve_metric("expected_accuracy", data, model)
+    arrays = dict(data.arrays) | {reference_key("probs"): reference}
+    p = _softmax(reference.astype(np.float64))
+    top = candidate.argmax(axis=-1)
+    want = np.take_along_axis(p, top[..., None], axis=-1)[..., 0].mean(axis=1)
+    np.testing.assert_allclose(metric.fn.outcomes([candidate], arrays), want, rtol=1e-9)
+    with pytest.raises(InputError, match="expected_accuracy needs float class scores"):
+        metric.fn.outcomes([np.zeros((2, 5, 7), np.int64)], {reference_key("probs"): np.zeros((2, 5, 7), np.int64)})
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_built_in_metrics_are_selectable_by_name_in_the_config_too(name):
+    from onnxws.config import CompressConfig
+    from onnxws.errors import UsageError
+
+    assert CompressConfig(metric=name).metric == name
+    with pytest.raises(UsageError, match="one of expected_accuracy, top1_accuracy, top1_agreement"):
+        CompressConfig(metric="top5")
 
 
 def test_unknown_output():
@@ -152,7 +233,7 @@ def test_custom_metric_errors(tmp_path, monkeypatch):
         resolve_metric("my_metric_bad:missing", data, model)
     with pytest.raises(InputError, match="not a function"):
         resolve_metric("my_metric_bad:NOT_CALLABLE", data, model)
-    with pytest.raises(InputError, match="expected top1_accuracy"):
+    with pytest.raises(InputError, match="expected expected_accuracy, top1_accuracy, top1_agreement or package"):
         resolve_metric("accuracy", data, model)
     outputs = run(model, X)
     with pytest.raises(InputError, match="finite float"):

@@ -200,7 +200,7 @@ def test_bad_options(labelled):
 def test_constant_node_weight(images, engine):
     model = small_net(constant_fc=True)
     data = load_data({"input": images[:50]}, model)
-    metric = resolve_metric(None, data, model)  # no labels: agreement with the original
+    metric = resolve_metric("top1_agreement", data, model)  # no labels: agreement with the original
     scorer = Scorer(model, WEIGHTS, data, metric, device="cpu", engine=engine, threads=1)
     assert scorer.baseline_search == 1.0
     fc_b = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "fc.B"))
@@ -250,7 +250,7 @@ def test_fixed_batch_models(images, engine, batch):
     """Fixed batch 1 runs sample by sample; fixed 4 runs in chunks of 4, the last (10 = 4+4+2) padded."""
     model = small_net(batch=batch)
     data = load_data({"input": images[:10]}, model)
-    scorer = Scorer(model, WEIGHTS, data, resolve_metric(None, data, model), device="cpu", engine=engine, batch_size=100, threads=1)
+    scorer = Scorer(model, WEIGHTS, data, resolve_metric("top1_agreement", data, model), device="cpu", engine=engine, batch_size=100, threads=1)
     assert scorer.batch_size == batch
     cand = {"conv.W": scorer.originals["conv.W"] * np.float32(-1)}
     dynamic = bake(small_net(batch="N"), cand)  # same seed: same weights, dynamic batch
@@ -287,7 +287,7 @@ def test_fp16_weights():
 def test_agreement_metric_and_evaluate_model(images):
     model = small_net()
     data = load_data({"input": images}, model)
-    metric = resolve_metric(None, data, model)
+    metric = resolve_metric("top1_agreement", data, model)
     scorer = Scorer(model, WEIGHTS, data, metric, device="cpu", search_samples=100, threads=1)
     assert scorer.baseline_search == 1.0 and scorer.baseline_full == 1.0
     cand = {"fc.W": np.round(scorer.originals["fc.W"] * 2) / 2}
@@ -300,6 +300,45 @@ def test_agreement_metric_and_evaluate_model(images):
     assert evaluate_model(baked, data, metric, device="cpu", reference=scorer) == expected
     with pytest.raises(InputError, match="reference"):
         evaluate_model(baked, data, metric, device="cpu")
+
+
+def test_expected_accuracy_is_the_label_free_default_of_the_scorer(images):
+    """Without labels the scorer measures the reference's probability of each candidate's top-1:
+    the unmodified model scores the mean of its top probability, a candidate less, and the
+    emitted model measured in stock ORT scores what the scorer said."""
+    model = small_net()
+    data = load_data({"input": images}, model)
+    metric = resolve_metric(None, data, model)
+    assert metric.name == "expected_accuracy"
+    scorer = Scorer(model, WEIGHTS, data, metric, device="cpu", search_samples=100, threads=1)
+    logits = plain_run(model, {"input": images})[0].astype(np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert scorer.baseline_full == pytest.approx(float(p.max(1).mean()), rel=1e-6)
+    np.testing.assert_allclose(scorer.baseline_outcomes("full"), p.max(1), rtol=1e-6)
+    cand = {"fc.W": np.round(scorer.originals["fc.W"] * 2) / 2}
+    baked = bake(model, cand)
+    top = plain_run(baked, {"input": images})[0].argmax(1)
+    expected = float(p[np.arange(len(top)), top].mean())
+    assert scorer.score([cand], "full")[0] == pytest.approx(expected, rel=1e-6) and expected < scorer.baseline_full
+    assert evaluate_model(baked, data, metric, device="cpu", reference=scorer) == scorer.score([cand], "full")[0]
+
+
+def test_held_out_samples_are_a_subset_of_their_own(labelled):
+    """``holdout=h``: the full set is the samples before the last h, which form the ``holdout``
+    subset; the search never reaches them and their baseline is measured apart."""
+    model, data, metric = labelled
+    scorer = Scorer(model, WEIGHTS, data, metric, device="cpu", search_samples=500, holdout=60, threads=1)
+    assert (scorer.n_search, scorer.n_full, scorer.n_holdout) == (240, 240, 60)
+    assert scorer.subset_data("holdout").n == 60 and scorer.baseline("holdout") == 1.0  # labels are its own top-1
+    cand = {"conv.W": scorer.originals["conv.W"] * np.float32(-1)}
+    plain = Scorer(model, WEIGHTS, data.tail(60), metric, device="cpu", threads=1)
+    assert scorer.score([cand], "holdout") == plain.score([cand], "full")
+    assert scorer.key(cand, "holdout") != scorer.key(cand, "full")
+    with pytest.raises(UsageError, match="at least one"):
+        Scorer(model, WEIGHTS, data, metric, device="cpu", holdout=300, threads=1)
+    with pytest.raises(ValueError, match="nothing is held out"):
+        plain.score([cand], "holdout")
 
 
 def test_cache_second_scorer_reruns_nothing(labelled, tmp_path):
@@ -430,7 +469,7 @@ def test_suffix_follows_weights_read_inside_subgraphs():
 def test_suffix_on_fixed_batch_padding(images):
     model = small_net(batch=4)
     data = load_data({"input": images[:10]}, model)
-    scorer = Scorer(model, WEIGHTS, data, resolve_metric(None, data, model), device="cpu", engine="session", threads=1)
+    scorer = Scorer(model, WEIGHTS, data, resolve_metric("top1_agreement", data, model), device="cpu", engine="session", threads=1)
     cand = {"fc.W": scorer.originals["fc.W"][::-1].copy()}
     expected = plain_run(bake(small_net(), cand), {"input": images[:10]})[0]
     got = scorer._run_suffix(cand, "search")[0]

@@ -136,6 +136,22 @@ def make_image_inputs(images: dict[str, np.ndarray], n: int, seed: int = 0) -> t
     return out, sources
 
 
+def view_arrays(views: np.ndarray, sources: list[str]) -> dict[str, np.ndarray]:
+    """The image models' evaluation arrays: ``image`` (the views), ``group`` (each view's source
+    photograph, its index among the sorted source names: views of one photograph are not
+    independent) and ``imagenet_label`` (the ImageNet class of the photograph where its file names
+    it, foolbox's ``imagenet_NN_<class>.jpg``; -1 elsewhere)."""
+    names = sorted(set(sources))
+    index = {name: i for i, name in enumerate(names)}
+
+    def label(name: str) -> int:
+        stem = Path(name.split(".", 1)[1]).stem if name.startswith("foolbox.") else ""
+        return int(stem.rsplit("_", 1)[1]) if stem.startswith("imagenet_") else -1
+
+    return {"image": views, "group": np.array([index[s] for s in sources], dtype=np.int32),
+            "imagenet_label": np.array([label(s) for s in sources], dtype=np.int64)}
+
+
 def export_torch(module: Any, path: Path, example: Any, input_name: str, output_name: str = "logits") -> onnx.ModelProto:
     """Export ``module`` (eval mode) to ONNX opset 17 with the TorchScript exporter, dynamic batch; checked."""
     import torch

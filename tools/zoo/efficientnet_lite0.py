@@ -127,7 +127,7 @@ def build(out: Path, images: np.ndarray, sources: list[str], npz: Path | None = 
         common.link_or_copy(npz, target)
     else:
         target.unlink(missing_ok=True)  # may be a hard link to mobilenetv2.npz: never write through it
-        np.savez(target, image=images)
+        np.savez(target, **common.view_arrays(images, sources))
     info = imagenet.export_and_check(imagenet.ImagePreprocess(load(), MEAN, STD), out / "efficientnet_lite0.onnx",
                                      images, sources)
     return {

