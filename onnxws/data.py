@@ -274,20 +274,12 @@ def _check(arrays: dict[str, np.ndarray], model: onnx.ModelProto, origin: str) -
                     f"input {vi.name!r}: data has shape {arr.shape} but the model expects {_shape_text(dims)} "
                     f"(axis {axis} must be {d}, got {arr.shape[axis]}); resize the data to the model's input size"
                 )
-    labels = arrays.get(LABELS)
-    if labels is not None and LABELS not in names:
-        if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise InputError(
-                f"{origin}: labels 'y' must be a 1-D integer array of class indices, length {n}; "
-                f"got shape {labels.shape} dtype {labels.dtype} (one-hot labels: use y.argmax(axis=1))"
-            )
-    groups = arrays.get(GROUP)
-    if groups is not None and GROUP not in names:
-        if groups.ndim != 1 or groups.dtype.kind not in "iu":
-            raise InputError(
-                f"{origin}: group ids 'group' must be a 1-D integer array, one id per sample (length {n}); "
-                f"got shape {groups.shape} dtype {groups.dtype}"
-            )
+    for key, what, hint in ((LABELS, "labels 'y' must be a 1-D integer array of class indices",
+                             " (one-hot labels: use y.argmax(axis=1))"),
+                            (GROUP, "group ids 'group' must be a 1-D integer array, one id per sample", "")):
+        ids = arrays.get(key)
+        if ids is not None and key not in names and (ids.ndim != 1 or ids.dtype.kind not in "iu"):
+            raise InputError(f"{origin}: {what}, length {n}; got shape {ids.shape} dtype {ids.dtype}{hint}")
     logger.debug("evaluation data: %d samples, arrays %s", n, {k: (v.dtype.str, v.shape) for k, v in arrays.items()})
     return EvalData(arrays, names, n)
 

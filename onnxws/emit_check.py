@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -51,9 +51,19 @@ class Emitted:
     value: float
     scorer_value: float
     loss: float
-    full: Measured | None = None
-    holdout: Measured | None = None
-    whole: Measured | None = None
+    measured: dict[str, Measured] = field(default_factory=dict)  # "full", "whole" and, if any, "holdout"
+
+    @property
+    def full(self) -> Measured:
+        return self.measured["full"]
+
+    @property
+    def holdout(self) -> Measured | None:
+        return self.measured.get("holdout")
+
+    @property
+    def whole(self) -> Measured:
+        return self.measured["whole"]
 
 
 def emit_stage(model: onnx.ModelProto, shared: Sequence[SharedWeight], scorer: Scorer, data: EvalData,
@@ -80,18 +90,16 @@ def emit_stage(model: onnx.ModelProto, shared: Sequence[SharedWeight], scorer: S
     loss = loss_between(baseline_full, value, config.loss_mode)
     if not within_budget(loss, config.loss):
         raise VerificationError(f"the emitted model loses {loss:.3f} {loss_unit(config.loss_mode)} > budget {config.loss:g}")
-    emitted = Emitted(encoded, value, scorer_value, loss)
     measured = {subset: measure_loss(metric, outputs[subset], reference[subset], parts[subset], names,
                                      config.loss_mode, seed=config.seed) for subset in parts}
-    emitted.full, emitted.holdout = measured["full"], measured.get("holdout")
-    if emitted.holdout is None:
-        emitted.whole = emitted.full
+    if "holdout" not in measured:
+        measured["whole"] = measured["full"]
     else:
         rows = [parts["full"].n, parts["holdout"].n]
-        emitted.whole = measure_loss(metric, join_outputs([outputs["full"], outputs["holdout"]], rows),
-                                     join_outputs([reference["full"], reference["holdout"]], rows), data, names,
-                                     config.loss_mode, seed=config.seed)
-    return emitted
+        measured["whole"] = measure_loss(metric, join_outputs([outputs["full"], outputs["holdout"]], rows),
+                                         join_outputs([reference["full"], reference["holdout"]], rows), data, names,
+                                         config.loss_mode, seed=config.seed)
+    return Emitted(encoded, value, scorer_value, loss, measured)
 
 
 def check_rebuilt_weights(model: onnx.ModelProto, shared: Sequence[SharedWeight]) -> None:
