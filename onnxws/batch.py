@@ -1,7 +1,10 @@
 """``onnxws batch``: compress a folder or a TOML manifest of models, one report each, one summary.
 
-Resumable: a model whose output and ``report.json`` exist and whose report names the same
-input hash and settings is not redone. Failures are recorded and the batch goes on.
+Resumable, under the rerun rule of ``onnxws.outputs``: a model whose output and report record the
+same job (model sha256, data fingerprint, resolved config) is not redone; an output of another
+job is refused (a failed row naming ``--force``) unless ``--force`` is given. Failures are
+recorded and the batch goes on. Outputs: ``<stem>.ws.onnx`` and ``<stem>.ws.report/``; a report
+folder under the earlier name ``<stem>.report/`` is renamed to it.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from typing import Any
 
 from onnxws.atomic import write_atomic
 from onnxws.config import CompressConfig
-from onnxws.errors import InputError, OnnxwsError, UsageError
-from onnxws.loading import file_sha256
+from onnxws.errors import InputError, OnnxwsError, UsageError, one_line
+from onnxws.outputs import check_outputs, job_identity, recorded_job, report_folder
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -152,51 +155,41 @@ def _run_one_star(args: tuple) -> BatchRow:
     return _run_one(*args)
 
 
-def _settings_key(item: BatchItem, options: dict, config_path: Path | None) -> dict:
-    return {"options": {**options, **item.options}, "config": str(config_path) if config_path else None,
-            "data": str(item.data) if item.data else None}
-
-
 def _run_one(item: BatchItem, out_dir: Path, options: dict, config_path: Path | None, cache: Any, force: bool) -> BatchRow:
     from onnxws.pipeline import compress
 
     target = out_dir / f"{item.stem}.ws.onnx"
-    folder = out_dir / f"{item.stem}.report"
+    folder = report_folder(target)
     start = time.perf_counter()
     try:
         if not item.model.exists():
             raise InputError(f"model not found: {item.model}")
-        source_hash = file_sha256(item.model)
-        key = _settings_key(item, options, config_path)
-        done = _finished(target, folder, source_hash, key)
-        if done is not None and not force:
-            return _row(item.stem, "skipped (done)", done)
+        _migrate_report_folder(out_dir / f"{item.stem}.report", folder)
         merged = {k: v for k, v in {**options, **item.options}.items() if v is not None}
         cfg = CompressConfig.from_toml(config_path, **merged) if config_path else CompressConfig.from_dict({}, **merged)
+        inputs = [item.model, item.data, config_path]
+        if target.exists() and not force:
+            job = job_identity(item.model, item.data, cfg.to_dict())
+            if recorded_job(folder) == job:
+                return _row(item.stem, "skipped (done)", json.loads((folder / "report.json").read_text()))
+            check_outputs(target, folder, force=False, job=job, inputs=inputs)  # raises: another job's output
+        check_outputs(target, folder, force=force, inputs=inputs)
         result = compress(item.model, item.data, config=cfg, cache=cache)
-        result.report["batch"] = {"source_sha256": source_hash, "settings": key}
-        result.save(target, report_dir=folder, force=True)
+        result.save(target, report_dir=folder, force=force)
         return _row(item.stem, "ok", result.report, seconds=time.perf_counter() - start)
     except OnnxwsError as exc:
-        return BatchRow(item.stem, "failed", seconds=time.perf_counter() - start, error=str(exc))
+        return BatchRow(item.stem, "failed", seconds=time.perf_counter() - start, error=one_line(exc))
     except Exception as exc:  # noqa: BLE001 - one broken model must not stop the batch
         logger.exception("model %s failed", item.model)
         return BatchRow(item.stem, "failed", seconds=time.perf_counter() - start,
-                        error=f"internal error: {type(exc).__name__}: {exc}")
+                        error=f"internal error: {type(exc).__name__}: {one_line(exc)}")
 
 
-def _finished(target: Path, folder: Path, source_hash: str, key: dict) -> dict | None:
-    report_path = folder / "report.json"
-    if not (target.exists() and report_path.exists()):
-        return None
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    batch = report.get("batch", {})
-    if batch.get("source_sha256") != source_hash or batch.get("settings") != json.loads(json.dumps(key)):
-        return None
-    return report
+def _migrate_report_folder(legacy: Path, folder: Path) -> None:
+    """Rename an earlier batch's ``<stem>.report`` (a report folder) to ``<stem>.ws.report``."""
+    if legacy.is_dir() and not folder.exists() and (legacy / "report.json").is_file():
+        legacy.rename(folder)
+        logger.info("renamed the report folder %s to %s", legacy, folder)
 
 
 def _row(stem: str, status: str, report: dict, seconds: float | None = None) -> BatchRow:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from onnxws import __version__
 from onnxws.config import DEVICES, RUN_OPTIONS, CompressConfig, RunOption
-from onnxws.errors import InputError, OnnxwsError, UsageError
+from onnxws.console import PrintableFormatter, message_line, plain, printable, terminal
+from onnxws.errors import InputError, OnnxwsError, interrupts
 
 app = typer.Typer(
     name="onnxws",
@@ -27,9 +28,41 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts verbatim: they hold TOML table names in brackets
 )
-err = Console(stderr=True)
-out = Console()
+err = terminal.err
+out = terminal.out
+
+# Exit codes (the README lists them): 0 done, 1 bad input or a failed model, 2 usage, 3 nothing fits
+# the budget, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that every clean-up runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    interrupts.note()
+    raise Terminated()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    interrupts.note()
+    raise KeyboardInterrupt()
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(plain(f"onnxws {__version__}"))
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version,
+                                                is_eager=True)] = False) -> None:
+    """Retraining-free weight sharing for ONNX models: per-layer codebooks within an accuracy-loss budget."""
 
 
 Device = Enum("Device", {name: name for name in DEVICES}, type=str)
@@ -86,9 +119,27 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and deb
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts).")]
 
 
+class Written:
+    """What a command has put on disk so far, for the line an interruption prints."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+
+    def summary(self) -> str:
+        if not self.paths:
+            return "nothing was written"
+        return "already written: " + ", ".join(str(p) for p in self.paths)
+
+
 @contextmanager
-def _errors(debug: bool) -> Iterator[None]:
-    """Turn every error into one line on stderr and the DESIGN.md exit code."""
+def _errors(debug: bool, as_json: bool = False, written: Written | None = None) -> Iterator[None]:
+    """Turn every error into one verbatim line on stderr (and one JSON object on stdout with
+    ``--json``) and its exit code; SIGTERM is handled like Ctrl-C."""
+    terminal.json_errors = as_json
+    written = written or Written()
+    handlers = {signal.SIGTERM: _on_sigterm, signal.SIGINT: _on_sigint} if _main_thread() else {}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    interrupts.watching, interrupts.received = bool(handlers), False
     try:
         yield
     except typer.Exit:
@@ -96,26 +147,39 @@ def _errors(debug: bool) -> Iterator[None]:
     except OnnxwsError as exc:
         if debug:
             err.print_exception()
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        terminal.error(exc, exc.exit_code)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("[bold red]error:[/] interrupted; nothing was written", highlight=False)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        code, what = (EXIT_TERMINATED, "terminated (SIGTERM)") if isinstance(exc, Terminated) else (
+            EXIT_INTERRUPTED, "interrupted")
+        terminal.error(f"{what}; {written.summary()}", code)
+        raise typer.Exit(code) from None
     except MemoryError:
-        err.print("[bold red]error:[/] out of memory; try --batch-size or fewer --search-samples", highlight=False)
+        terminal.error("out of memory; try a smaller --batch-size (or less evaluation data)", 1)
         raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback by default
         if debug:
             err.print_exception()
-        text = " ".join(str(exc).split())[:300]
-        err.print(f"[bold red]error:[/] internal error: {type(exc).__name__}: {text} (rerun with --debug for details)",
-                  highlight=False, soft_wrap=True)
+        terminal.error(f"internal error: {type(exc).__name__}: {message_line(exc)[:300]} (a bug in onnxws; rerun "
+                       "with --debug for details)", 1)
         raise typer.Exit(1) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        interrupts.watching = False
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else (logging.ERROR if quiet else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 class _StageProgress:
@@ -126,18 +190,31 @@ class _StageProgress:
               "emit": "Emit + re-measure"}
 
     def __init__(self, enabled: bool) -> None:
+        # markup=False: stage messages carry tensor names, shown verbatim (and escaped)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<20}"), BarColumn(),
-                                 MofNCompleteColumn(), TextColumn("{task.fields[message]}"), TimeElapsedColumn(),
-                                 console=err, disable=not enabled, transient=False)
+                                 MofNCompleteColumn(), TextColumn("{task.fields[message]}", markup=False),
+                                 TimeElapsedColumn(), console=err, disable=not enabled, transient=False)
         self.tasks: dict[str, Any] = {}
+        self.started = False
+
+    def __enter__(self) -> _StageProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:  # a display that never showed a bar prints nothing (no stray blank line)
+            self.progress.stop()
 
     def __call__(self, stage: str, done: int, total: int, message: str) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
         if stage not in self.tasks:
             for task_id in self.tasks.values():  # a new stage starts: close the previous ones
                 task = self.progress.tasks[task_id]
                 self.progress.update(task_id, total=max(task.completed, 1), completed=max(task.completed, 1))
             self.tasks[stage] = self.progress.add_task(self.LABELS.get(stage, stage), total=total or None, message="")
-        self.progress.update(self.tasks[stage], completed=done, total=total or None, message=message[:60])
+        self.progress.update(self.tasks[stage], completed=done, total=total or None,
+                             message=printable(message)[:60])
 
 
 @app.command()
@@ -148,25 +225,26 @@ def compress(
     run_options: dict[str, Any] | None = None,
     out_path: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output model. Default: <model stem>.ws.onnx beside the input.", dir_okay=False)] = None,
     report_dir: Annotated[Optional[Path], typer.Option("--report-dir", help="Report folder. Default: <output stem>.report beside the output.", file_okay=False)] = None,
-    granularity: Annotated[Optional[str], typer.Option(help="Codebooks per tensor: tensor, channel or group:N.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config (see DESIGN.md); options given here override it.", exists=True, dir_okay=False)] = None,
+    granularity: Annotated[Optional[str], typer.Option(help="Codebooks per tensor: tensor (one), channel (one per output channel), group:N (one per N channels) or auto (the search picks per tensor) (default: tensor).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config: [global] (run options and tensor defaults), [op_type.NAME] and [tensor.\"GLOB\"] tables of tensor settings (skip, min_params, bits, k_max, granularity), most specific first; options given here override it. Every report folder holds its run's resolved config.toml.", exists=True, dir_okay=False)] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache", help="Score-cache folder (default: the user cache folder).", file_okay=False)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the score cache.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output of a different job (other model, data or settings); a rerun of the same job replaces its own output without it.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary (errors still go to stderr).")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Compress MODEL by weight sharing within an accuracy-loss budget."""
     _setup_logging(debug, quiet)
-    with _errors(debug):
+    written = Written()
+    with _errors(debug, as_json, written):
+        from onnxws.outputs import check_outputs, default_output, job_identity, report_folder
         from onnxws.pipeline import compress as run_compress
         from onnxws.report_html import summary_rows
 
-        model = model.resolve()
-        target = (out_path or model.with_name(model.name.removesuffix(".onnx") + ".ws.onnx")).resolve()
-        _check_output(model, target, force)
-        folder = (report_dir or target.with_name(target.name.removesuffix(".onnx") + ".report")).resolve()
+        model = model.absolute()
+        target = (out_path or default_output(model)).absolute()  # not resolved: -o through a link stays the link
+        folder = (report_dir or report_folder(target)).absolute()
         overrides = dict(run_options or {})
         if config is not None:
             cfg = CompressConfig.from_toml(config, **overrides)
@@ -174,46 +252,24 @@ def compress(
             cfg = CompressConfig.from_dict({}, **overrides)
         if granularity is not None:
             cfg = cfg.with_granularity(granularity)
+        check_outputs(target, folder, force=force, inputs=[model, data, config],
+                      job=lambda: job_identity(model, data, cfg.to_dict()))
         cache: Any = False if no_cache else (cache_dir / "scores.sqlite" if cache_dir else None)
-        if cache_dir is not None and not no_cache:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-        stages = _StageProgress(enabled=not quiet and not as_json)
-        with stages.progress:
+        with _StageProgress(enabled=not quiet and not as_json) as stages:
             result = run_compress(model, data, config=cfg, cache=cache, progress=stages)
         result.save(target, report_dir=folder, force=force)
+        written.paths += [target, folder]
         report = result.report
         if as_json:
-            print(json.dumps(_json_summary(report, target, folder), indent=2))
+            terminal.result(_json_summary(report, target, folder))
         elif not quiet:
-            table = Table(title=f"onnxws: {model.name} -> {target.name}", show_header=False)
+            table = Table(title=plain(f"onnxws: {model.name} -> {target.name}"), show_header=False)
             table.add_column(style="bold")
             table.add_column()
             for key, value in summary_rows(report):
-                table.add_row(key, value)
-            table.add_row("Report", str(folder / "report.html"))
+                table.add_row(plain(key), plain(value))
+            table.add_row(plain("Report"), plain(folder / "report.html"))
             err.print(table)
-
-
-def _check_output(model: Path, target: Path, force: bool) -> None:
-    if target == model:
-        raise UsageError(f"output path {target} is the input model; choose another -o")
-    if target.exists() and not force:
-        raise InputError(f"output {target} exists; pass --force to overwrite it or -o to choose another path")
-    if not target.parent.is_dir():
-        raise InputError(f"output folder does not exist: {target.parent}")
-    if not _writable(target.parent):
-        raise InputError(f"output folder is not writable: {target.parent}; choose another -o")
-
-
-def _writable(folder: Path) -> bool:
-    """Try to create (and remove) a file there: os.access says yes to root on read-only mounts."""
-    import tempfile
-
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".onnxws-probe-"):
-            return True
-    except OSError:
-        return False
 
 
 def _json_summary(report: dict, target: Path, folder: Path) -> dict:
@@ -234,24 +290,25 @@ def inspect(
 ) -> None:
     """List MODEL's float tensors: shareable weights, skipped ones with the reason, and shared ones if compressed."""
     _setup_logging(debug, False)
-    with _errors(debug):
+    with _errors(debug, as_json):
         from onnxws.inspection import inspect_model
 
         rows, summary = inspect_model(model)
         if as_json:
-            print(json.dumps({"tensors": rows, "summary": summary}, indent=2))
+            terminal.result({"tensors": rows, "summary": summary})
             return
-        table = Table(title=f"{model.name}: float tensors")
+        table = Table(title=plain(f"{model.name}: float tensors"))
         for col in ("name", "consumer", "shape", "params", "dtype", "status"):
             table.add_column(col, overflow="fold")
         for row in rows:
             status = row["status"] if row["status"] != "skipped" else f"skipped: {row['reason']}"
             if row["status"] == "shared":
                 status = f"shared: k={row['k']} ({row['bits']} bit, {row['index_dtype']})"
-            table.add_row(row["name"], row["op_type"], str(tuple(row["shape"])), f"{row['params']:,}", row["dtype"], status)
+            cells = (row["name"], row["op_type"], tuple(row["shape"]), f"{row['params']:,}", row["dtype"], status)
+            table.add_row(*(plain(cell) for cell in cells))
         out.print(table)
         for key, value in summary.items():
-            out.print(f"{key}: {value}")
+            out.print(plain(f"{key}: {value}"))
 
 
 @app.command()
@@ -269,22 +326,64 @@ def evaluate(
 ) -> None:
     """Measure the metric of any model (compressed or not) on evaluation data."""
     _setup_logging(debug, False)
-    with _errors(debug):
+    with _errors(debug, as_json):
         from onnxws.evaluation import evaluate_path
 
         result = evaluate_path(model, data, metric=metric, output=output, reference=reference,
                                device=device.value, batch_size=batch_size, keep_compact=keep_compact)
         if as_json:
-            print(json.dumps(result))
+            terminal.result(result)
         else:
-            out.print(f"{result['metric']}: {result['value']:.6f} on {result['samples']} samples ({result['device']})")
+            out.print(plain(f"{result['metric']}: {result['value']:.6f} on {result['samples']} samples ({result['device']})"))
+
+
+@app.command("data")
+def data_command(
+    images: Annotated[Path, typer.Argument(help="Folder of images: one subfolder per class (labels y), or flat (no labels).", exists=True, file_okay=False)],
+    out_path: Annotated[Path, typer.Option("-o", "--out", help="The .npz to write (missing folders are created).", dir_okay=False)],
+    preset: Annotated[str, typer.Option("--preset", help="Preprocessing preset: imagenet = RGB, short side to 256 (bilinear), centre 224 crop, /255, ImageNet mean and std, NCHW float32.")] = "imagenet",
+    size: Annotated[Optional[int], typer.Option("--size", min=1, help="Resize the short side to this (default: the preset's, 256).")] = None,
+    crop: Annotated[Optional[int], typer.Option("--crop", min=1, help="Centre crop side (default: the preset's, 224).")] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", help="nchw or nhwc (default: nchw).")] = None,
+    mean: Annotated[Optional[tuple[float, float, float]], typer.Option("--mean", help="Per-channel mean, RGB, on the 0-1 scale (default: ImageNet's).")] = None,
+    std: Annotated[Optional[tuple[float, float, float]], typer.Option("--std", help="Per-channel std, RGB, on the 0-1 scale (default: ImageNet's).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 (normalised) or uint8 (raw pixels, for models that normalise in the graph) (default: float32).")] = None,
+    input_name: Annotated[str, typer.Option("--input", help="Array name: the model input it feeds (x fits any single-input model).")] = "x",
+    classes: Annotated[Optional[Path], typer.Option("--classes", help="Class names, one per line in index order (the subfolders are named after them). Without it the sorted subfolder names are 0..n-1, and that mapping is saved beside the npz.", exists=True, dir_okay=False)] = None,
+    group_by: Annotated[Optional[str], typer.Option("--group-by", help="Regular expression over each image's path relative to the folder: images with the same match (its first group, if any) share a group id (e.g. the source photograph of several views).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Turn a folder of images into an evaluation .npz of model-ready arrays."""
+    _setup_logging(debug, False)
+    with _errors(debug, as_json):
+        from onnxws.images import build_npz, preprocessing
+
+        target = out_path.absolute()
+        if target.exists() and not force:
+            raise InputError(f"output {target} exists; pass --force to replace it, or -o to choose another path")
+        prep = preprocessing(preset, size=size, crop=crop, layout=layout, dtype=dtype, mean=mean, std=std)
+        summary = build_npz(images, target, prep, input_name=input_name, classes_file=classes, group_by=group_by)
+        if as_json:
+            terminal.result(summary)
+            return
+        terminal.note(f"wrote {summary['output']}: {summary['samples']} images as {summary['input']!s} "
+                      f"{summary['dtype']} {summary['shape']}" + (f", {summary['classes']} classes" if summary["classes"] else
+                                                               ", no labels (flat folder)")
+                      + (f", {summary['groups']} groups" if summary["groups"] else ""))
+        if "class_mapping" in summary:
+            names = summary["class_names"]
+            shown = ", ".join(f"{i}={name}" for i, name in enumerate(names[:10])) + (", ..." if len(names) > 10 else "")
+            terminal.note(f"class indices from the sorted folder names ({shown}); saved to {summary['class_mapping']}. "
+                          "If the model's classes are numbered otherwise, pass --classes FILE")
 
 
 @app.command()
 @_with_run_options(batch=True)
 def batch(
     source: Annotated[Path, typer.Argument(help="Folder of .onnx models (each with its sidecar data) or a TOML manifest.", exists=True)],
-    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Output folder: <stem>.ws.onnx, <stem>.report/, summary.md, summary.csv.", file_okay=False)],
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Output folder: <stem>.ws.onnx, <stem>.ws.report/, summary.md, summary.csv.", file_okay=False)],
     run_options: dict[str, Any] | None = None,
     config: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False)] = None,
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="Models compressed in parallel (processes).")] = 1,
@@ -297,36 +396,51 @@ def batch(
 ) -> None:
     """Compress every model of a folder or manifest; resumable; exits 1 if any model failed."""
     _setup_logging(debug, quiet)
-    with _errors(debug):
+    written = Written()
+    with _errors(debug, as_json, written):
         from dataclasses import asdict
 
         from onnxws.batch import run_batch
 
         options = dict(run_options or {})
         cache: Any = False if no_cache else (str(cache_dir / "scores.sqlite") if cache_dir else None)
-        if cache_dir is not None and not no_cache:
-            cache_dir.mkdir(parents=True, exist_ok=True)
 
         def show(row) -> None:
+            if row.status != "failed":
+                written.paths.append(out_dir / f"{row.model}.ws.onnx")
             if not quiet and not as_json:
                 detail = row.error if row.status == "failed" else (
                     f"{row.ratio_theoretical:.2f}x at {row.loss:.3f} {row.loss_unit}" if row.loss is not None else "")
                 colour = "red" if row.status == "failed" else "green"
-                err.print(f"[{colour}]{row.status:>15}[/] {row.model}: {detail}", highlight=False)
+                err.print(plain(f"{row.status:>15}", colour) + plain(f" {row.model}: ") + plain(message_line(detail)),
+                          soft_wrap=True)
 
         rows = run_batch(source, out_dir, options, config_path=config, jobs=jobs, cache=cache, force=force, on_row=show)
         failed = [r for r in rows if r.status == "failed"]
         if as_json:
-            print(json.dumps({"out_dir": str(out_dir), "models": [asdict(r) for r in rows]}, indent=2))
+            terminal.result({"out_dir": str(out_dir), "models": [asdict(r) for r in rows]})
         elif not quiet:
-            err.print(f"{len(rows)} model(s), {len(failed)} failed; summary: {out_dir / 'summary.md'}", highlight=False)
+            terminal.note(f"{len(rows)} model(s), {len(failed)} failed; summary: {out_dir / 'summary.md'}")
         if failed:
             raise typer.Exit(1)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: the app, with usage errors also as JSON under ``--json``."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        terminal.error("interrupted; nothing was written", EXIT_INTERRUPTED)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # the parser's usage errors (click's ClickException family)
+        show, text = getattr(exc, "show", None), getattr(exc, "format_message", None)
+        if show is None or text is None:
+            raise
+        show()
+        code = getattr(exc, "exit_code", 2)
+        if "--json" in sys.argv[1:] and code:
+            terminal.result({"error": message_line(text()), "exit_code": code})
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

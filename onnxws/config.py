@@ -174,6 +174,10 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
               "Stop exploring after this many seconds; the best verified tuple is kept.", minimum=0.001, nullable=True),
     RunOption("max_scorings", int, (_is_int, lambda v: v >= 1, "an integer >= 1 (or omit it)"),
               "Stop exploring after this many scorings (cache hits included).", minimum=1, nullable=True),
+    RunOption("metric_timeout", float, (_is_real, lambda v: math.isfinite(v) and v > 0,
+                                        "a finite number of seconds > 0 (or omit it)"),
+              "Seconds one call of a custom metric function may take; a slower call stops the run with an error naming the "
+              "metric (checked on Unix in the main thread; default: no limit).", minimum=0.001, nullable=True),
     RunOption("seed", int, (_is_int, lambda v: 0 <= v <= _MAX_SEED, "an integer in 0..2**63-1"),
               "Random seed (predictor sampling)."),
     RunOption("opset", int, (_is_int, lambda v: v >= 7, "an ai.onnx opset number >= 7 (or omit it)"),
@@ -336,6 +340,7 @@ class CompressConfig:
     bias_correction: bool = True       # with refine: correct the consumer's bias for the mean output shift
     time_budget: float | None = None   # seconds
     max_scorings: int | None = None
+    metric_timeout: float | None = None  # seconds per custom-metric call
     seed: int = 0
     opset: int | None = None
     # tensor selection: the [global] defaults and the partial override tables

@@ -56,11 +56,14 @@ class EvalData:
             (``y`` labels, string labels, ...).
         input_names: the model's graph inputs (non-initializer), in graph order.
         n: number of samples (length of axis 0 of every array).
+        dropped: samples of the data as given that were left out because a float input of
+            theirs holds NaN or infinite values (``load_data``).
     """
 
     arrays: dict[str, np.ndarray]
     input_names: list[str]
     n: int
+    dropped: int = 0
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -136,7 +139,8 @@ def load_data(
     Raises:
         InputError: unreadable file; a missing input; a dtype other than the input's; a rank
             or fixed dimension that differs from the model's; arrays of unequal length; no
-            samples; labels ``y`` that are not 1-D integers.
+            samples; labels ``y`` that are not 1-D integers; every sample with NaN or infinite
+            inputs (some such samples are left out, with a warning: ``EvalData.dropped``).
     """
     if isinstance(source, (str, Path)):
         arrays = _read_npz(Path(source))
@@ -179,6 +183,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise InputError(f"{path} is a single .npy array; expected an .npz with one array per model input (np.savez(path, input=..., y=...))")
         with loaded as npz:
+            _check_fits_in_memory(path, npz)
             return {name: npz[name] for name in npz.files}
     except ValueError as exc:
         if "Object arrays" in str(exc):
@@ -186,6 +191,39 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path} is not an .npz archive ({exc}); write it with numpy.savez") from exc
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise InputError(f"{path} could not be read as .npz ({type(exc).__name__}: {exc}); write it with numpy.savez") from exc
+
+
+def npz_bytes(npz: np.lib.npyio.NpzFile) -> int:
+    """Bytes the arrays of an open ``.npz`` take once loaded, read from their headers (nothing loaded)."""
+    total = 0
+    for name in npz.files:
+        with npz.zip.open(name + ".npy" if name + ".npy" in npz.zip.namelist() else name) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)  # 2.0 and 3.0 share the layout
+            shape, _, dtype = read_header(member)  # the header only
+        total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_fits_in_memory(path: Path, npz: np.lib.npyio.NpzFile) -> None:
+    """Refuse, before loading it, an ``.npz`` whose arrays would not fit in the memory available."""
+    need, have = npz_bytes(npz), available_memory()
+    if have is not None and need > have:
+        raise InputError(f"{path} expands to {need / 2**30:.1f} GiB of arrays, more than the {have / 2**30:.1f} GiB "
+                         "of memory available; write fewer samples (the whole set is loaded once)")
 
 
 def _concat_batches(batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -280,8 +318,37 @@ def _check(arrays: dict[str, np.ndarray], model: onnx.ModelProto, origin: str) -
         ids = arrays.get(key)
         if ids is not None and key not in names and (ids.ndim != 1 or ids.dtype.kind not in "iu"):
             raise InputError(f"{origin}: {what}, length {n}; got shape {ids.shape} dtype {ids.dtype}{hint}")
-    logger.debug("evaluation data: %d samples, arrays %s", n, {k: (v.dtype.str, v.shape) for k, v in arrays.items()})
-    return EvalData(arrays, names, n)
+    arrays, dropped = _finite_samples(arrays, [vi.name for vi in inputs], n, origin)
+    logger.debug("evaluation data: %d samples, arrays %s", n - dropped, {k: (v.dtype.str, v.shape) for k, v in arrays.items()})
+    return EvalData(arrays, names, n - dropped, dropped)
+
+
+def _finite_samples(arrays: dict[str, np.ndarray], names: list[str], n: int, origin: str,
+                    chunk: int = 1024) -> tuple[dict[str, np.ndarray], int]:
+    """``arrays`` without the samples whose float inputs hold NaN or infinite values (a model's
+    answer to them means nothing, and they would poison the input moments), and how many those were.
+
+    Raises:
+        InputError: every sample has such values.
+    """
+    bad = np.zeros(n, dtype=bool)
+    for name in names:
+        arr = arrays[name]
+        if arr.dtype.kind != "f":
+            continue
+        for start in range(0, n, chunk):  # bounded temporary memory on large sets
+            part = arr[start:start + chunk].reshape(min(chunk, n - start), -1)
+            bad[start:start + chunk] |= ~np.isfinite(part).all(axis=1)
+    dropped = int(bad.sum())
+    if dropped == n:
+        raise InputError(f"{origin}: all {n} samples have NaN or infinite values in their float inputs: nothing to "
+                         "evaluate; check how the data was written")
+    if dropped:
+        logger.warning("%s: %d of %d samples have NaN or infinite input values and are left out of the evaluation",
+                       origin, dropped, n)
+        keep = ~bad
+        arrays = {k: v[keep] for k, v in arrays.items()}
+    return arrays, dropped
 
 
 def _check_dtype(name: str, arr: np.ndarray, elem: int) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxws.errors import InputError, one_line
 from onnxws.proto import nested_nodes, subgraphs
 
 logger = logging.getLogger(__name__)
@@ -291,7 +292,11 @@ def find_weights(model: onnx.ModelProto, settings_for=None) -> Discovery:
         if params < settings.min_params:
             skip(f"{params} elements < min_params {settings.min_params}", op_type)
             continue
-        values = numpy_helper.to_array(proto)
+        try:
+            values = numpy_helper.to_array(proto)
+        except (ValueError, TypeError) as exc:  # dims that do not match the data: the model's fault
+            raise InputError(f"tensor {name!r}: its data does not match its declared shape {list(shape)} "
+                             f"({type(exc).__name__}: {one_line(exc)}); re-export the model") from exc
         if not np.all(np.isfinite(values)):
             bad = int(np.count_nonzero(~np.isfinite(values)))
             skip(f"holds {bad} NaN/Inf value(s): not clustered", op_type)

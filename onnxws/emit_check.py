@@ -89,7 +89,8 @@ def emit_stage(model: onnx.ModelProto, shared: Sequence[SharedWeight], scorer: S
     check_trusted(value, scorer_value)
     loss = loss_between(baseline_full, value, config.loss_mode)
     if not within_budget(loss, config.loss):
-        raise VerificationError(f"the emitted model loses {loss:.3f} {loss_unit(config.loss_mode)} > budget {config.loss:g}")
+        raise VerificationError(f"the emitted model loses {loss:.3f} {loss_unit(config.loss_mode)} > budget {config.loss:g}"
+                                f"{CACHE_HINT}")
     measured = {subset: measure_loss(metric, outputs[subset], reference[subset], parts[subset], names,
                                      config.loss_mode, seed=config.seed) for subset in parts}
     if "holdout" not in measured:
@@ -100,6 +101,10 @@ def emit_stage(model: onnx.ModelProto, shared: Sequence[SharedWeight], scorer: S
                                          join_outputs([reference["full"], reference["holdout"]], rows), data, names,
                                          config.loss_mode, seed=config.seed)
     return Emitted(encoded, value, scorer_value, loss, measured)
+
+
+#: Scores read from a poisoned or stale score cache are what make the written file disagree with them.
+CACHE_HINT = "; if the score cache may hold wrong scores, rerun with --no-cache (or delete the cache)"
 
 
 def check_rebuilt_weights(model: onnx.ModelProto, shared: Sequence[SharedWeight]) -> None:
@@ -143,7 +148,7 @@ def check_trusted(emitted_value: float, scorer_value: float) -> None:
         raise VerificationError(
             f"the emitted model measures {emitted_value:.4f} on the full set but the scorer measured {scorer_value:.4f} "
             f"for the same tuple ({drift_pp:.2f} pp apart > {TRUST_TOLERANCE_PP} pp): refusing to write a model that differs from what was scored"
-        )
+            f"{CACHE_HINT}")
 
 
 def decoded_weights(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, np.ndarray]:

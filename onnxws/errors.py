@@ -1,4 +1,4 @@
-"""Error types of onnxws, one base class; the CLI maps each to an exit code (DESIGN.md)."""
+"""Error types of onnxws, one base class; the CLI maps each to an exit code (the README lists them)."""
 
 from __future__ import annotations
 
@@ -37,10 +37,39 @@ class BudgetError(OnnxwsError):
     exit_code = 3
 
 
+class LimitError(OnnxwsError):
+    """A limit the user set (``--time-budget``, ``--max-scorings``) stopped the run before any
+    shared layer was verified within the budget (exit 4): the budget itself may be fine."""
+
+    exit_code = 4
+
+
 class VerificationError(OnnxwsError):
     """The emitted model does not reproduce what was scored: a bug, reported loudly (exit 1)."""
 
     exit_code = 1
+
+
+class Interrupts:
+    """Whether a KeyboardInterrupt came from the user (Ctrl-C, SIGTERM) or from code that raised it.
+
+    The CLI installs handlers that ``note`` each signal before raising; while ``watching``, a
+    KeyboardInterrupt no signal preceded was raised by code (a user metric) and is bad input.
+    Without the CLI (the Python API) every KeyboardInterrupt is taken as real.
+    """
+
+    def __init__(self) -> None:
+        self.watching = False
+        self.received = False
+
+    def note(self) -> None:
+        self.received = True
+
+    def is_real(self, exc: KeyboardInterrupt) -> bool:
+        return not self.watching or self.received
+
+
+interrupts = Interrupts()
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

@@ -64,6 +64,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise InputError(f"{path} is not a valid ONNX file (protobuf decode failed: {exc}); is it truncated or corrupt?") from exc
     except FileNotFoundError as exc:
         raise InputError(f"{path}: external data file missing ({exc.filename}); keep the .onnx file beside its data file") from exc
+    except onnx.checker.ValidationError as exc:  # e.g. external data pointing outside the model's folder
+        raise InputError(f"{path} is refused by onnx: {one_line(exc)}") from exc
     except (OSError, ValueError, RuntimeError, TypeError, UnicodeDecodeError, IndexError, KeyError) as exc:
         raise InputError(f"{path} could not be read as ONNX: {type(exc).__name__}: {one_line(exc)}") from exc
     if not model.graph.node and not model.graph.initializer:
@@ -151,26 +153,40 @@ def model_sha256(model: onnx.ModelProto) -> str:
 # Writing
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | Path, *, force: bool = False) -> int:
-    """Write ``model`` to ``path`` atomically (temp file in the same folder, then rename).
+@dataclass
+class StagedModel:
+    """A model written to temporary files beside its destination, not yet in place.
+
+    Attributes:
+        path: where the model goes.
+        files: (temporary file, final path) pairs, the external-data file (if any) first.
+        size: bytes of the model file plus its external data.
+    """
+
+    path: Path
+    files: list[tuple[Path, Path]]
+    size: int
+
+    def discard(self) -> None:
+        """Remove the temporary files (idempotent)."""
+        for tmp, _ in self.files:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def stage_model(model: onnx.ModelProto, path: str | Path) -> StagedModel:
+    """Write ``model`` into temporary files in ``path``'s folder (which must exist); nothing is replaced yet.
 
     Models over the protobuf limit get their initializers of >= 1 KiB in ``<name>.data``
-    beside the file (payloads of >= 1 MiB at 64 KiB-aligned offsets), also written atomically,
-    streamed one tensor at a time; ``model`` is not modified. Returns the bytes written (model
-    + external data).
+    beside the file (payloads of >= 1 MiB at 64 KiB-aligned offsets), streamed one tensor at a
+    time; ``model`` is not modified. File modes follow the umask.
 
     Raises:
-        InputError: the output exists and ``force`` is False, the folder is not writable, or
-            the model is over the limit even with its initializers external.
+        InputError: the write failed (disk full, no permission), or the model is over the limit
+            even with its initializers external.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise InputError(f"output {path} exists; pass --force to overwrite it or -o to choose another path")
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"output folder is not writable: {folder}")
     payload = None
     if fits_in_one_message(model):
         try:
@@ -181,6 +197,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, *, force: bool =
     data_name = path.name + ".data"
     tmp_model = folder / f".{path.name}.{os.getpid()}.tmp"
     tmp_data = folder / f".{data_name}.{os.getpid()}.tmp"
+    staged = StagedModel(path, ([(tmp_data, folder / data_name)] if external else []) + [(tmp_model, path)], 0)
     try:
         if external:
             payload = _write_external(model, tmp_data, data_name, path)
@@ -188,19 +205,42 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, *, force: bool =
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        if external:
-            os.replace(tmp_data, folder / data_name)
-        os.replace(tmp_model, path)
+        staged.size = sum(tmp.stat().st_size for tmp, _ in staged.files)
+    except OSError as exc:
+        staged.discard()
+        raise InputError(f"could not write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | Path, *, force: bool = False) -> int:
+    """Write ``model`` to ``path`` atomically (``stage_model``, then a rename per file).
+
+    Returns the bytes written (model + external data).
+
+    Raises:
+        InputError: the output exists and ``force`` is False, the folder is missing or not
+            writable, or the write failed.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise InputError(f"output {path} exists; pass --force to overwrite it or -o to choose another path")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output folder is not writable: {folder}")
+    staged = stage_model(model, path)
+    try:
+        for tmp, final in staged.files:
+            os.replace(tmp, final)
     except OSError as exc:
         raise InputError(f"could not write {path}: {exc.strerror or exc}") from exc
     finally:
-        for leftover in (tmp_model, tmp_data):
-            if leftover.exists():
-                leftover.unlink()
-    size = path.stat().st_size
-    if external:
-        size += (folder / data_name).stat().st_size
-    return size
+        staged.discard()
+    return staged.size
 
 
 def _write_external(model: onnx.ModelProto, data_path: Path, data_name: str, path: Path) -> bytes:
@@ -242,6 +282,8 @@ class Loaded:
         bytes_before: the model file's bytes with its external data (or the proto's size).
         model_sha256: hash of the model as loaded (``model_sha256``).
         data: every sample, the ``n_holdout`` held-out ones last (``data.holdout_split``).
+        data_fingerprint: ``EvalData.fingerprint`` of the data as checked (before that reordering).
+        data_dropped: samples left out for NaN or infinite inputs (``EvalData.dropped``).
     """
 
     proto: onnx.ModelProto
@@ -253,6 +295,8 @@ class Loaded:
     metric: Metric
     discovery: Discovery
     n_holdout: int = 0
+    data_fingerprint: str = ""
+    data_dropped: int = 0
 
 
 def load_stage(model: str | Path | onnx.ModelProto,
@@ -283,7 +327,7 @@ def load_stage(model: str | Path | onnx.ModelProto,
         data = find_sidecar_data(model_path)
     data_path = str(data) if isinstance(data, (str, Path)) else None
     eval_data = load_data(data, proto)
-    metric = resolve_metric(config.metric, eval_data, proto, config.output)
+    metric = resolve_metric(config.metric, eval_data, proto, config.output, timeout=config.metric_timeout)
     tensors = constant_tensors(proto)
     op_types = {node.op_type for node in proto.graph.node}
     config.check_patterns(list(tensors), op_types)
@@ -292,8 +336,11 @@ def load_stage(model: str | Path | onnx.ModelProto,
     if not discovery.weights:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in discovery.skipped[:3]) or "no float constant tensors"
         raise NothingToShareError(f"the model has no shareable weight tensor ({reasons})")
+    fingerprint = eval_data.fingerprint()
+    dropped = eval_data.dropped
     eval_data, n_holdout = holdout_split(eval_data, config.holdout)
-    return Loaded(proto, model_path, data_path, bytes_before, model_sha256(proto), eval_data, metric, discovery, n_holdout)
+    return Loaded(proto, model_path, data_path, bytes_before, model_sha256(proto), eval_data, metric, discovery, n_holdout,
+                  fingerprint, dropped)
 
 
 def model_file_bytes(path: Path) -> int:

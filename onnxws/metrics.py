@@ -29,12 +29,17 @@ actor can receive them when scoring is scaled out.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
 import inspect
+import io
 import logging
 import math
+import numbers
+import signal
+import threading
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +49,7 @@ import numpy as np
 import onnx
 
 from onnxws.data import LABELS, EvalData
-from onnxws.errors import InputError, OnnxwsError
+from onnxws.errors import InputError, OnnxwsError, interrupts
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +138,12 @@ def _check_labels(labels: np.ndarray, width: int, output_name: str) -> None:
             f"labels y span [{lo}, {hi}] but output {output_name!r} has {width} classes (expected 0..{width - 1}); "
             "check the labels or choose the classification output with --output"
         )
+    used = np.unique(labels)
+    if len(used) < width and used[0] == 0 and used[-1] == len(used) - 1 and width > 2:
+        # 0..m-1 of m < width classes: the mark of labels numbered by sorted folder names, not the model's classes
+        logger.warning("labels y use classes 0..%d only, of the %d that output %r has: if they were numbered by sorted "
+                       "folder names, check that they are the model's class indices (onnxws data --classes FILE)",
+                       len(used) - 1, width, output_name)
 
 
 _SUM_CHUNK = 1 << 20  # elements squared per step of squared_sum
@@ -288,23 +299,19 @@ class ExpectedAccuracy(_PerSample):
 
 @dataclass(frozen=True)
 class CustomMetric:
-    """A user function ``module:function``; checks that it returns a finite float."""
+    """A user function ``module:function``, called guarded (``_guarded``); checks that it returns a real number."""
 
     spec: str
     function: Callable[[list[np.ndarray], dict[str, np.ndarray]], object]
     code_hash: str = ""
+    timeout: float | None = None
 
     def __call__(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> float:
-        try:
-            value = self.function(outputs, data)
-        except OnnxwsError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the user's code: name it, keep the cause
-            raise InputError(f"metric {self.spec} raised {type(exc).__name__}: {exc}") from exc
-        try:
-            result = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"metric {self.spec} returned {value!r} ({type(value).__name__}); it must return a float, higher is better") from exc
+        value = _guarded(self.spec, self.timeout, self.function, outputs, data)
+        if not _is_number(value):
+            raise InputError(f"metric {self.spec} returned {_shown(value)} ({type(value).__name__}); it must return a "
+                             "real number (int or float), higher is better")
+        result = float(value)  # type: ignore[arg-type]
         if not math.isfinite(result):
             raise InputError(f"metric {self.spec} returned {result}; it must return a finite float, higher is better")
         return result
@@ -313,21 +320,74 @@ class CustomMetric:
     def outcomes(self) -> Callable[[list[np.ndarray], dict[str, np.ndarray]], np.ndarray] | None:
         """The function's per-sample form (its ``per_sample`` attribute), checked; None without one."""
         per_sample = getattr(self.function, "per_sample", None)
-        return None if per_sample is None else functools.partial(_custom_outcomes, self.spec, per_sample)
+        return None if per_sample is None else functools.partial(_custom_outcomes, self.spec, self.timeout, per_sample)
 
     def __reduce__(self):  # re-import by name in another process instead of pickling the function
-        return (_load_custom, (self.spec,))
+        return (_load_custom, (self.spec, self.timeout))
 
 
-def _custom_outcomes(spec: str, per_sample: Callable, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> np.ndarray:
+def _is_number(value: object) -> bool:
+    """A real number: int, float, a numpy integer or float, or a 0-d array of one (not bool, not a string)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class MetricTimeout(Exception):
+    """Raised inside a custom metric that ran past ``--metric-timeout``."""
+
+
+def _guarded(spec: str, timeout: float | None, function: Callable, *args: object) -> object:
+    """``function(*args)`` with the promise kept whatever the user's code does: its exceptions,
+    ``sys.exit`` and a KeyboardInterrupt it raises itself become one InputError naming the metric
+    (a real Ctrl-C or SIGTERM still stops the run); what it prints is captured (logged at debug
+    level), so it never lands in ``--json`` stdout; past ``timeout`` seconds it is stopped."""
+    captured = io.StringIO()
+    alarm = timeout is not None and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    previous = None
+    if alarm:
+        def expired(signum: int, frame: object) -> None:
+            raise MetricTimeout()
+
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        values = per_sample(outputs, data)
+        with contextlib.redirect_stdout(captured):
+            return function(*args)
     except OnnxwsError:
         raise
+    except MetricTimeout:
+        raise InputError(f"metric {spec} took longer than --metric-timeout {timeout:g} s on one call; make it faster "
+                         "or raise the timeout") from None
+    except SystemExit as exc:
+        raise InputError(f"metric {spec} called sys.exit({exc.code!r}); a metric must return a number") from None
+    except KeyboardInterrupt as exc:
+        if interrupts.is_real(exc):
+            raise
+        raise InputError(f"metric {spec} raised KeyboardInterrupt itself; a metric must return a number") from None
     except Exception as exc:  # noqa: BLE001 - the user's code: name it, keep the cause
-        raise InputError(f"metric {spec}: per_sample raised {type(exc).__name__}: {exc}") from exc
+        raise InputError(f"metric {spec} raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        if captured.getvalue():
+            logger.debug("metric %s printed: %s", spec, captured.getvalue()[:2000])
+
+
+def _custom_outcomes(spec: str, timeout: float | None, per_sample: Callable, outputs: list[np.ndarray],
+                     data: dict[str, np.ndarray]) -> np.ndarray:
+    values = _guarded(spec, timeout, per_sample, outputs, data)
     try:
-        array = np.asarray(values, dtype=np.float64)
+        array = np.asarray(values)
+        if array.dtype.kind not in "iuf":
+            raise TypeError(array.dtype)
+        array = array.astype(np.float64)
     except (TypeError, ValueError) as exc:
         raise InputError(f"metric {spec}: per_sample returned {type(values).__name__}, not numbers; it must return one float per sample") from exc
     rows = len(next(iter(data.values()))) if data else len(array)
@@ -379,7 +439,7 @@ def _hash_const(digest, const: object) -> None:
         digest.update(f"{type(const).__name__}:{const!r};".encode())
 
 
-def _load_custom(spec: str) -> CustomMetric:
+def _load_custom(spec: str, timeout: float | None = None) -> CustomMetric:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise InputError(f"--metric {spec!r}: expected package.module:function, top1_accuracy or top1_agreement")
@@ -394,7 +454,7 @@ def _load_custom(spec: str) -> CustomMetric:
             raise InputError(f"--metric {spec}: module {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
         raise InputError(f"--metric {spec}: {attr!r} is a {type(fn).__name__}, not a function(outputs, data) -> float")
-    return CustomMetric(spec, fn, _code_hash(fn))
+    return CustomMetric(spec, fn, _code_hash(fn), timeout)
 
 
 def _static_width(model: onnx.ModelProto, index: int) -> int | None:
@@ -422,7 +482,8 @@ def _declared_rank(model: onnx.ModelProto, index: int) -> int | None:
     return 1 + sum(1 for d in dims[1:] if not (d.HasField("dim_value") and d.dim_value == 1)) if dims else 0
 
 
-def resolve_metric(spec: str | None, data: EvalData, model: onnx.ModelProto, output: str | None = None) -> Metric:
+def resolve_metric(spec: str | None, data: EvalData, model: onnx.ModelProto, output: str | None = None,
+                   timeout: float | None = None) -> Metric:
     """Pick the metric for a run.
 
     Args:
@@ -432,6 +493,7 @@ def resolve_metric(spec: str | None, data: EvalData, model: onnx.ModelProto, out
         data: the evaluation data (labels are checked here).
         model: the model whose outputs the metric reads.
         output: the output built-in metrics read (default: the first).
+        timeout: seconds one call of a custom metric may take (None: no limit).
 
     Raises:
         InputError: unknown output or metric name; accuracy without labels; labels out of
@@ -466,7 +528,7 @@ def resolve_metric(spec: str | None, data: EvalData, model: onnx.ModelProto, out
         metric = Metric(TOP1_AGREEMENT, Top1Agreement(index, name), True, name,
                         f"top-1 agreement with the uncompressed model (label-free; every flip counts fully), {of}")
     elif ":" in spec:
-        metric = Metric(spec, _load_custom(spec), description=f"custom metric {spec}")
+        metric = Metric(spec, _load_custom(spec, timeout), description=f"custom metric {spec}")
     else:
         raise InputError(f"--metric {spec!r}: expected {', '.join(BUILTIN)} or package.module:function")
     logger.info("metric: %s", metric.description)

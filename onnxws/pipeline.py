@@ -27,6 +27,7 @@ from onnxws.errors import UsageError
 from onnxws.exploration import SearchContext, loss_unit
 from onnxws.layer_search import choose_granularities, layer_sensitivity
 from onnxws.loading import Loaded, load_stage, save_model_atomic
+from onnxws.outputs import Job, OutputPair, check_outputs, report_folder
 from onnxws.proto import without_payloads
 from onnxws import report_html
 from onnxws.report import build_report
@@ -53,17 +54,28 @@ class Result:
 
     def save(self, path: str | Path, *, report_dir: str | Path | None = None, force: bool = False,
              write_report: bool = True) -> Path:
-        """Write the model atomically, then (by default) the report folder beside it.
+        """Write the model and (by default) its report folder as one unit (``onnxws.outputs``).
 
-        Returns the report folder (or the model path when ``write_report`` is False).
+        ``report_dir`` defaults to ``<output stem>.report`` beside ``path``; missing folders are
+        created. An existing output is replaced only with ``force`` or when its report records
+        this same job (model, data, config). Returns the report folder (or the model path when
+        ``write_report`` is False).
+
+        Raises:
+            InputError, UsageError: the rerun rule or the paths forbid the write, or it failed
+                (then nothing was written).
         """
         path = Path(path)
-        size = save_model_atomic(self.model, path, force=force)
-        self._fill_file_sizes(size, path)
         if not write_report:
+            self._fill_file_sizes(save_model_atomic(self.model, path, force=force), path)
             return path
-        folder = Path(report_dir) if report_dir is not None else path.with_name(path.name.removesuffix(".onnx") + ".report")
-        report_html.write_report(self.report, folder, config_toml=self.config.to_toml())
+        folder = Path(report_dir) if report_dir is not None else report_folder(path)
+        inputs = [self.report["model"].get("path"), self.report["data"].get("path")]
+        check_outputs(path, folder, force=force, job=Job.of_report(self.report), inputs=inputs)
+        with OutputPair(path, folder) as pair:
+            self._fill_file_sizes(pair.stage_model(self.model), path)
+            pair.stage_report(lambda tmp: report_html.write_report(self.report, tmp, config_toml=self.config.to_toml()))
+            pair.commit()
         return folder
 
     def _fill_file_sizes(self, size: int, path: Path) -> None:
@@ -113,7 +125,7 @@ def compress(
         with _timed(timings, "setup"):
             resolution = set_resolution(loaded.metric, scorer.whole_reference(), loaded.data, _output_names(loaded),
                                         config.loss_mode, seed=config.seed)
-            _warn_below_resolution(config, resolution)
+            _warn_below_resolution(config, resolution, loaded.data.n)
         with _timed(timings, "setup"):  # the scorer holds the weights now; encoding puts them back
             loaded.proto, _ = without_payloads(loaded.proto, scorer.originals)
         with _timed(timings, "calibrate"):
@@ -185,12 +197,18 @@ def _output_names(loaded: Loaded) -> list[str]:
     return [o.name for o in loaded.proto.graph.output]
 
 
-def _warn_below_resolution(config: CompressConfig, resolution: float | None) -> None:
-    """One warning line when the budget asks for less than the evaluation set can resolve."""
-    if resolution is not None and config.loss < resolution:
+def _warn_below_resolution(config: CompressConfig, resolution: float | None, n: int) -> None:
+    """One warning line when the budget asks for less than the evaluation set (``n`` samples) can
+    resolve, or when its resolution cannot be stated at all."""
+    unit = loss_unit(config.loss_mode)
+    if resolution is None:
+        logger.warning("this evaluation set's resolution cannot be stated: the unmodified model's metric does not vary "
+                       "over its %d sample(s) (every sample right, or agreement with itself), so the losses found say "
+                       "nothing beyond this set; more, and more varied, samples would", n)
+    elif config.loss < resolution:
         logger.warning("--loss %g %s is below this evaluation set's resolution of %.2f %s (the 95%% half-width of the "
-                       "metric on it): more samples, or more groups, would resolve it", config.loss,
-                       loss_unit(config.loss_mode), resolution, loss_unit(config.loss_mode))
+                       "metric on it): more samples, or more groups, would resolve it", config.loss, unit, resolution,
+                       unit)
 
 
 def _widths(discovery: Discovery, config: CompressConfig) -> list[int]:

@@ -126,7 +126,7 @@ def build_report(loaded: Loaded, scorer: Scorer, ctx: SearchContext, config: Com
         "data": {"path": loaded.data_path, "n_full": scorer.n_full, "n_search": scorer.n_search,
                  "n_holdout": scorer.n_holdout, "n_samples": eval_data.n,
                  "groups": None if eval_data.groups is None else int(len(np.unique(eval_data.groups))),
-                 "fingerprint": eval_data.fingerprint()},
+                 "fingerprint": loaded.data_fingerprint, "dropped_nonfinite": loaded.data_dropped},
         "metric": loaded.metric.name,
         "metric_description": loaded.metric.description,
         "device": scorer.provider,

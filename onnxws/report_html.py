@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from onnxws.atomic import write_atomic  # noqa: E402
+from onnxws.console import printable  # noqa: E402
 from onnxws.exploration import within_budget  # noqa: E402
 
 _PNG_META = {"Software": None}
@@ -61,6 +63,16 @@ def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata=_PNG_META, bbox_inches="tight")
     return buf.getvalue()
+
+
+def _label(text: object) -> str:
+    """A name as plot text: control characters escaped (no glyph warnings), ``$`` literal (not mathtext)."""
+    return printable(text).replace("$", r"\$")
+
+
+def _esc(text: object) -> str:
+    """A name as HTML text: control characters escaped, then HTML-escaped."""
+    return html.escape(printable(text))
 
 
 def _unit(report: dict) -> str:
@@ -113,37 +125,56 @@ def plot_pareto(report: dict) -> bytes:
     ax.set_xlabel("compression ratio over shared tensors (theoretical)")
     ax.set_ylabel(f"accuracy loss ({_unit(report)})")
     name = Path(report.get("model", {}).get("path") or "model").name
-    ax.set_title(f"{name}: explored tuples")
+    ax.set_title(_label(f"{name}: explored tuples"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     return _png(fig)
 
 
 def plot_sensitivity(report: dict) -> bytes:
-    """Loss of each layer shared alone vs index bits (measured solid markers, proxy hollow)."""
-    fig = Figure(figsize=(7.5, 4.2))
+    """Heat map of each layer's loss when shared alone, per index width: one row per tensor, one
+    column per width; the number in a cell is the loss (``~`` marks a proxy estimate, not scored),
+    colours centre on the budget (green within, red past it), the chosen width is outlined."""
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    layers = [layer for layer in report.get("layers", []) if layer.get("candidates")]
+    widths = sorted({c["bits"] for layer in layers for c in layer["candidates"] if c.get("loss") is not None})
+    budget = report.get("budget", {}).get("loss") or 1.0
+    fig = Figure(figsize=(max(4.5, 1.2 + 0.62 * len(widths)) + 2.6, 1.4 + 0.3 * max(len(layers), 1)))
     ax = fig.add_subplot()
-    for layer in report.get("layers", []):
-        points = [(c["bits"], c["loss"], c.get("source")) for c in layer.get("candidates", []) if c.get("loss") is not None]
-        if not points:
-            continue
-        points.sort()
-        line, = ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2, label=layer["name"][:40])
-        proxy = [p for p in points if p[2] == "proxy"]
-        if proxy:
-            ax.scatter([p[0] for p in proxy], [p[1] for p in proxy], facecolors="none", edgecolors=line.get_color(), s=25)
-        meas = [p for p in points if p[2] != "proxy"]
-        ax.scatter([p[0] for p in meas], [p[1] for p in meas], color=line.get_color(), s=14)
-    budget = report.get("budget", {}).get("loss")
-    if budget is not None:
-        ax.axhline(budget, color="#dc2626", ls="--", lw=1, label="budget")
-    ax.set_yscale("symlog", linthresh=max(budget or 1.0, 1e-3) / 4)
-    ax.set_xlabel("index bits (k = 2^bits)")
-    ax.set_ylabel(f"loss alone ({_unit(report)})")
-    ax.set_title("Layer sensitivity (hollow: proxy estimate, not scored)")
-    ax.grid(True, alpha=0.3)
-    if len(report.get("layers", [])) <= 12:
-        ax.legend(fontsize=7, loc="upper right")
+    if not layers or not widths:
+        ax.text(0.5, 0.5, "no layer was scored alone", ha="center", va="center")
+        ax.set_axis_off()
+        return _png(fig)
+    grid = np.full((len(layers), len(widths)), np.nan)
+    proxy = np.zeros_like(grid, dtype=bool)
+    for row, layer in enumerate(layers):
+        for c in layer["candidates"]:
+            if c.get("loss") is not None:
+                grid[row, widths.index(c["bits"])] = c["loss"]
+                proxy[row, widths.index(c["bits"])] = c.get("source") == "proxy"
+    norm = TwoSlopeNorm(vmin=min(float(np.nanmin(grid)), -budget), vcenter=budget, vmax=4 * budget)
+    shown = np.clip(grid, norm.vmin, norm.vmax)  # losses past 4x the budget all read as "far past it"
+    image = ax.imshow(np.ma.masked_invalid(shown), cmap="RdYlGn_r", norm=norm, aspect="auto")
+    for row, layer in enumerate(layers):
+        for col, bits in enumerate(widths):
+            value = grid[row, col]
+            if math.isfinite(value):
+                text = ("~" if proxy[row, col] else "") + (f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}")
+                ax.text(col, row, text, ha="center", va="center", fontsize=7,
+                        style="italic" if proxy[row, col] else "normal",
+                        color="white" if value > 2.5 * budget else "black")
+        if layer.get("bits") in widths and layer.get("k"):
+            ax.add_patch(Rectangle((widths.index(layer["bits"]) - 0.5, row - 0.5), 1, 1, fill=False, lw=2,
+                                   edgecolor="#111827"))
+    ax.set_xticks(range(len(widths)), [f"{b} bit\nk={2 ** b}" for b in widths], fontsize=7)
+    ax.set_yticks(range(len(layers)), [_label(layer["name"][:40]) for layer in layers], fontsize=7)
+    ax.set_title(f"Loss of each layer shared alone ({_unit(report)}; outlined: chosen; ~: proxy, not scored)",
+                 fontsize=9)
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label(f"loss alone ({_unit(report)}); budget {budget:g} at the centre, >= {4 * budget:g} darkest red", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
     return _png(fig)
 
 
@@ -163,7 +194,7 @@ def _pct(v: float | None) -> str:
 
 
 def _num(v: Any, spec: str = ".3f") -> str:
-    return "–" if v is None else format(v, spec) if isinstance(v, (int, float)) else html.escape(str(v))
+    return "–" if v is None else format(v, spec) if isinstance(v, (int, float)) else _esc(v)
 
 
 def _measured(entry: dict | None, unit: str) -> str:
@@ -188,7 +219,7 @@ def _interval_cards(f: dict, unit: str) -> list[tuple[str, str, str]]:
     if "whole" in f:
         resolution = f.get("resolution")
         cards.append(("Resolution", f"{resolution:.3f} {unit}" if resolution is not None else "–",
-                      html.escape(f.get("resolution_note") or "95% half-width of the unmodified model's metric on this set")))
+                      _esc(f.get("resolution_note") or "95% half-width of the unmodified model's metric on this set")))
     return cards
 
 
@@ -261,7 +292,7 @@ def _tuple_text(tup: dict[str, int]) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -269,7 +300,7 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozen
 
 def render_html(report: dict, images: dict[str, bytes]) -> str:
     """One self-contained HTML page (inline CSS, plots as data URIs)."""
-    esc = html.escape
+    esc = _esc
     b, f, c, e = report["baseline"], report["final"], report["compression"], report["exploration"]
     unit = "pp" if f["loss_unit"] == "pp" else "% of baseline"
     name = Path(report.get("model", {}).get("path") or "model").name
@@ -355,7 +386,11 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
         + (f"; the layer stage started {g['layer_walks_from_earlier_edge']} layer walk(s) at the edge found on the smaller subset "
            f"and scored {g['layer_scorings']} tuple(s)" if "layer_scorings" in g else "") + ".</p>"
         for g in e.get("search_subset_growth", []))
-    skipped_rows = [[esc(s["name"]), esc(s["reason"])] for s in report.get("skipped", [])]
+    corrected_by = {bias: weight for weight, bias in (report.get("refinement", {}).get("bias_corrected") or {}).items()}
+    skipped_rows = [[esc(s["name"]), esc(s["reason"] + (f"; its values are rewritten by the bias correction of "
+                                                          f"{corrected_by[s['name']]} (stored as floats)"
+                                                          if s["name"] in corrected_by else ""))]
+                    for s in report.get("skipped", [])]
     notes = "".join(f"<li>{esc(n)}</li>" for n in report.get("encoding", {}).get("notes", [])) or "<li>none</li>"
     versions = ", ".join(f"{esc(k)} {esc(str(v))}" for k, v in report.get("versions", {}).items())
     config = esc(json.dumps(report.get("config", {}), indent=2))
@@ -376,7 +411,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 <div class="plots">{_table(["stage", "seconds"], time_rows, {1})}{_table(["stage", "scorings"], stage_rows, {1})}</div>
 <h2>Full-set verification</h2>{_table(["k per tensor", f"loss search ({unit})", f"loss full ({unit})", "within budget", "phase"], verify_rows, {1, 2})}{edge_html}{growth_html}
 <details><summary>All {len(explored_rows)} evaluated tuples</summary>{_table(["k per tensor", "CR", "loss predicted", "loss measured", "stage", "subset"], explored_rows, {1, 2, 3})}</details>
-<h2>Skipped tensors</h2>{_table(["tensor", "reason"], skipped_rows) if skipped_rows else "<p>None.</p>"}
+<h2>Tensors not shared</h2>{_table(["tensor", "reason"], skipped_rows) if skipped_rows else "<p>None.</p>"}
 <h2>Encoding</h2><p>Output opset {report.get('encoding', {}).get('opset')}.</p><ul>{notes}</ul>
 <h2>Settings and versions</h2><p>{versions}</p><details><summary>Resolved configuration</summary><pre>{config}</pre></details>
 <p class="defs">Definitions: CR = Σ 32·n<sub>i</sub> / Σ (n<sub>i</sub>·b<sub>i</sub> + 32·k<sub>i</sub>) over the shared tensors (16 for fp16 weights; every codebook counted);

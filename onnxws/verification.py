@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from onnxws.config import CompressConfig
-from onnxws.errors import BudgetError
+from onnxws.errors import BudgetError, LimitError
 from onnxws.exploration import SearchContext, Tuple_, loss_unit, within_budget
 from onnxws.layer_search import layer_sensitivity
 from onnxws.network_search import (
@@ -387,10 +387,16 @@ def search_stage(ctx: SearchContext, subset: SearchSubset, config: CompressConfi
         smallest = min((e.loss_measured for e in ctx.explored if e.subset == "full"), default=None)
         if smallest is None:
             smallest = min((e.loss_measured for e in ctx.explored), default=math.nan)
-        raise BudgetError(
-            f"no layer can be shared within the loss budget of {config.loss:g} {loss_unit(config.loss_mode)}: "
-            f"the smallest loss found was {smallest:.3f}; raise --loss or check the evaluation data"
-        )
+        unit = loss_unit(config.loss_mode)
+        found = (f"the smallest loss found was {smallest:.3f} {unit}" if math.isfinite(smallest)
+                 else "no candidate was scored")
+        if ctx.stopped_by != "converged":
+            limit = (f"--time-budget {config.time_budget:g} s" if ctx.stopped_by == "time_budget"
+                     else f"--max-scorings {config.max_scorings}")
+            raise LimitError(f"stopped by {limit} after {ctx.scorings} scoring(s), before any shared layer was verified "
+                             f"within the budget of {config.loss:g} {unit} ({found}); raise the limit")
+        raise BudgetError(f"no layer can be shared within the loss budget of {config.loss:g} {unit}: {found}; "
+                          "raise --loss or check the evaluation data")
     return searched
 
 

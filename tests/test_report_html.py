@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import re
 
@@ -65,3 +66,34 @@ def test_optional_sections_may_be_missing(report, tmp_path):
     assert "No uniform k fits" in paths["html"].read_text()
     labels = [label for label, _ in summary_rows(bare)]
     assert "Uniform k baseline" not in labels
+
+
+def test_hostile_names_draw_without_warnings_and_show_escaped(report, tmp_path):
+    import warnings
+
+    tricky = copy.deepcopy(report)
+    tricky["layers"][0]["name"] = "w\x1b]0;owned\x07 $x^2"  # a terminal escape, a bell, unbalanced-looking mathtext
+    tricky["model"]["path"] = "/m/\x00odd\n.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "Glyph missing" warnings would raise here
+        paths = write_report(tricky, tmp_path / "t")
+    page = paths["html"].read_text()
+    assert "\x1b" not in page and "\x07" not in page and "w\\x1b]0;owned\\x07 $x^2" in page
+
+
+def test_the_sensitivity_heat_map_has_a_row_per_layer(report):
+    from onnxws.report_html import plot_sensitivity
+
+    few, many = copy.deepcopy(report), copy.deepcopy(report)
+    many["layers"] = [dict(layer, name=f"{layer['name']}.{i}") for i in range(6) for layer in report["layers"]]
+    small = mpimg.imread(io.BytesIO(plot_sensitivity(few)))
+    large = mpimg.imread(io.BytesIO(plot_sensitivity(many)))
+    assert large.shape[0] > 3 * small.shape[0] // 2  # taller with more tensors: one readable row each
+
+
+def test_corrected_biases_are_not_called_skipped(report):
+    page = render_html(report, {"pareto": b"\x89PNG", "sensitivity": b"\x89PNG"})
+    corrected = report["refinement"]["bias_corrected"]
+    assert corrected and "Tensors not shared" in page
+    for weight, bias in corrected.items():
+        assert f"rewritten by the bias correction of {weight}" in page
