@@ -23,7 +23,7 @@ import onnx
 from onnxws.clustering import share_weight_all_k
 from onnxws.config import CompressConfig
 from onnxws.discovery import Discovery
-from onnxws.exploration import Layer, Option, Tuple_
+from onnxws.exploration import Layer, Option
 from onnxws.refinement import Moments, Plan, measure_moments, refine_all
 from onnxws.refinement import plan as plan_refinement
 from onnxws.scoring import Scorer
@@ -94,9 +94,11 @@ class Candidates:
         tuples would otherwise hold n decoded copies of the weights at once."""
         return (self.arrays(tup) for tup in tuples)
 
-    def evaluator(self, scorer: Scorer) -> Callable[[list[Tuple_], str], list[tuple]]:
-        """The search context's evaluator: tuples scored by ``scorer`` (value, divergence, spread)."""
-        return lambda tuples, subset: scorer.score_with_divergence(self.lazily(tuples), subset, spread=True)
+    def evaluator(self, scorer: Scorer) -> Callable[..., list[tuple]]:
+        """The search context's evaluator: tuples scored by ``scorer`` (value, divergence, spread);
+        ``stop`` is called between the batches of each scoring (an interruptible ``SearchContext``)."""
+        return lambda tuples, subset, stop=None: scorer.score_with_divergence(self.lazily(tuples), subset,
+                                                                              spread=True, stop=stop)
 
     def variant_scorer(self, scorer: Scorer) -> Callable[[list[tuple[str, str, int]]], list[tuple]]:
         """The layer stage's scorer of (tensor, granularity, k) requests (search subset)."""

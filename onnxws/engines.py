@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,7 +167,7 @@ class SessionEngine:
         self.last_create_s = time.perf_counter() - t0
         return sess, values
 
-    def run(self, weights: Mapping[str, np.ndarray], batches: Sequence[Batch]) -> list[list[np.ndarray]]:
+    def run(self, weights: Mapping[str, np.ndarray], batches: Iterable[Batch]) -> list[list[np.ndarray]]:
         sess, values = self.session(weights)
         try:
             return [sess.run(None, feeds) for feeds, _ in batches]
@@ -203,7 +203,7 @@ class InputsEngine:
         self._names = list(prepared.weights)
         self._device = device
 
-    def run(self, weights: Mapping[str, np.ndarray], batches: Sequence[Batch]) -> list[list[np.ndarray]]:
+    def run(self, weights: Mapping[str, np.ndarray], batches: Iterable[Batch]) -> list[list[np.ndarray]]:
         # Weights go in as OrtValues on the device once per candidate, not once per batch.
         values = {n: ortvalue(weights[n], self._device) for n in self._names}
         return [self._sess.run(None, {**feeds, **values}) for feeds, _ in batches]

@@ -133,6 +133,10 @@ class SearchContext:
         max_scorings: maximum evaluations requested (cache hits included), or None.
         progress: optional callback ``(stage, done, total, message)``.
         clock, start: the clock and the instant the time budget counts from (default: now).
+        interruptible: ``evaluate`` takes a keyword ``stop``, a callable it calls between the
+            batches of a scoring and that raises ``BudgetExhausted`` once the time budget is
+            spent: a scoring in progress then stops there instead of running to its end. The
+            forced scorings (final verification) are never stopped.
     """
 
     def __init__(
@@ -148,10 +152,12 @@ class SearchContext:
         progress: Callable[[str, int, int, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         start: float | None = None,
+        interruptible: bool = False,
     ) -> None:
         self.layers = list(layers)
         self.by_name = {layer.name: layer for layer in self.layers}
         self._evaluate = evaluate
+        self._interruptible = interruptible
         self.baseline = dict(baseline)
         self.budget = budget
         # The loss the search aims at on the search subset; the pipeline tightens it when
@@ -196,7 +202,7 @@ class SearchContext:
         )
 
     def ratio(self, tup: Mapping[str, int]) -> float:
-        """Theoretical CR over the shared tensors (DESIGN.md)."""
+        """Theoretical CR over the shared tensors (docs/design.md, Definitions)."""
         return self.total_full_bits / max(self.size_bits(tup), 1)
 
     # -- budgets -----------------------------------------------------------------------
@@ -211,6 +217,11 @@ class SearchContext:
         if self.max_scorings is not None and self.scorings + wanted > self.max_scorings:
             self.stopped_by = "max_scorings"
             raise BudgetExhausted
+        self.check_time()
+
+    def check_time(self) -> None:
+        """Raise BudgetExhausted if the time budget is spent (an interruptible evaluator calls it
+        between the batches of a scoring)."""
         if self.time_budget is not None and self.elapsed() >= self.time_budget:
             self.stopped_by = "time_budget"
             raise BudgetExhausted
@@ -266,7 +277,10 @@ class SearchContext:
         if unique:
             if not force:
                 self.check_budget(len(unique))
-            values = self._evaluate(list(unique.values()), subset)
+            if self._interruptible and not force and self.time_budget is not None:
+                values = self._evaluate(list(unique.values()), subset, stop=self.check_time)
+            else:
+                values = self._evaluate(list(unique.values()), subset)
             predicted_by_key = {}
             if predicted is not None:
                 predicted_by_key = {self.key(t): p for t, p in zip(tuples, predicted)}

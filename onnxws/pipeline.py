@@ -138,7 +138,8 @@ def compress(
         baseline = {"search": scorer.baseline_search, "full": scorer.baseline_full}
         ctx = SearchContext(candidates.layers, candidates.evaluator(scorer), baseline, config.loss, config.loss_mode,
                             time_budget=config.time_budget, max_scorings=config.max_scorings, progress=notify,
-                            clock=time.perf_counter, start=t_total)  # the time budget covers the whole run
+                            clock=time.perf_counter, start=t_total,  # the time budget covers the whole run
+                            interruptible=True)  # the evaluator stops a scoring in progress at the time budget
         with _timed(timings, "layer"):
             if candidates.variants:
                 picked = choose_granularities(ctx, candidates.variant_options(), candidates.variant_scorer(scorer))

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -164,6 +164,7 @@ class Scorer:
         self._activations: dict[tuple[frozenset[str], str], list[dict[str, np.ndarray]] | None] = {}
         self._activation_bytes = 0
         self._hasher: ThreadPoolExecutor | None = None
+        self._stop: Callable[[], None] | None = None  # the scoring in progress stops when it raises
         self._key_prefix = {s: self._context_key(s) for s in self._data}
         self._shared_arena = shared_cpu_arena()
         self._engine = self._start(engine)
@@ -203,7 +204,8 @@ class Scorer:
         return [result[0] for result in self.score_with_divergence(candidates, subset)]
 
     def score_with_divergence(self, candidates: Iterable[Mapping[str, np.ndarray]],
-                              subset: str = "search", *, spread: bool = False) -> list[tuple]:
+                              subset: str = "search", *, spread: bool = False,
+                              stop: Callable[[], None] | None = None) -> list[tuple]:
         """Like ``score``, with each candidate's output divergence from the unmodified model
         (``metrics.output_divergence`` over the metric's output, or all outputs for a custom
         metric): ``[(metric value, divergence), ...]``. Both come from the same run and are
@@ -214,6 +216,9 @@ class Scorer:
         per-sample change of the metric's outcomes vs the unmodified model (for 0/1 outcomes the
         fraction of samples that flipped either way), from which the sampling error of the
         loss follows; None for a metric without per-sample outcomes (a custom metric).
+        ``stop`` is called before each batch of samples a measurement runs; what it raises (a
+        spent time budget) stops the scoring in progress and propagates. The candidates measured
+        before it are memoised and cached; the interrupted one is not.
         """
         self._check_subset(subset)
         results: list[tuple | None] = []
@@ -240,20 +245,27 @@ class Scorer:
                 yield candidate
                 del candidate  # before the generator decodes the next one
 
-        for i, measured in enumerate(self.executor.measure(misses(), subset)):
-            key = submitted[i]
-            result = (measured.value, measured.divergence, measured.spread)
-            self.scorings_run += 1
-            self.scorings_suffix += measured.suffix
-            if self.cache is not None:
-                self.cache.put(key, result[0])
-                self.cache.put(key + _DIVERGENCE_KEY, result[1])
-                if result[2] is not None:
-                    self.cache.put(key + _SPREAD_KEY, result[2])
-            self._memo[key] = result
-            for position in waiting.pop(key):
-                results[position] = result
+        self._stop = stop
+        try:
+            for i, measured in enumerate(self.executor.measure(misses(), subset)):
+                self._store(submitted[i], measured, waiting, results)
+        finally:
+            self._stop = None
         return [result if spread else result[:2] for result in results]  # type: ignore[index]
+
+    def _store(self, key: str, measured: Measurement, waiting: dict[str, list[int]], results: list) -> None:
+        """Memoise and cache one measurement, and fill the positions of ``results`` waiting for it."""
+        result = (measured.value, measured.divergence, measured.spread)
+        self.scorings_run += 1
+        self.scorings_suffix += measured.suffix
+        if self.cache is not None:
+            self.cache.put(key, result[0])
+            self.cache.put(key + _DIVERGENCE_KEY, result[1])
+            if result[2] is not None:
+                self.cache.put(key + _SPREAD_KEY, result[2])
+        self._memo[key] = result
+        for position in waiting.pop(key):
+            results[position] = result
 
     def measure(self, candidate: Mapping[str, np.ndarray], subset: str = "search") -> Measurement:
         """Run and measure one candidate: no memo, no cache, not counted as a scoring (what an
@@ -424,6 +436,18 @@ class Scorer:
                     f"{original.dtype}{list(original.shape)}; decode to the original's dtype and shape"
                 )
 
+    def _stopping(self, batches: Sequence[Batch]) -> Iterable[Batch]:
+        """``batches``, with the scoring's ``stop`` called before each (as they are; no stop)."""
+        if self._stop is None:
+            return batches
+        return self._each_after_stop(batches, self._stop)
+
+    @staticmethod
+    def _each_after_stop(batches: Sequence[Batch], stop: Callable[[], None]) -> Iterator[Batch]:
+        for batch in batches:
+            stop()
+            yield batch
+
     def _batches_for(self, subset: str) -> list[Batch]:
         if subset not in self._batches:
             self._batches[subset] = plan_batches(self._data[subset], self.batch_size, self._fixed_batch)
@@ -433,7 +457,7 @@ class Scorer:
         weights = {**self._originals, **candidate}
         batches = self._batches_for(subset)
         t0 = time.perf_counter()
-        outputs = concat_outputs((engine or self._engine).run(weights, batches), batches)
+        outputs = concat_outputs((engine or self._engine).run(weights, self._stopping(batches)), batches)
         self.seconds_running += time.perf_counter() - t0
         return outputs
 
@@ -457,7 +481,7 @@ class Scorer:
                 cut.engine = SessionEngine(suffix_model(self._prepared, cut, {**batches[0][0], **acts[0]}),
                                             self.providers, self.threads, self._shared_arena)
             feeds = [({b: feed[b] if b in feed else act[b] for b in cut.boundary}, real) for (feed, real), act in zip(batches, acts)]
-            computed = cut.engine.run(candidate, feeds)
+            computed = cut.engine.run(candidate, self._stopping(feeds))
         else:  # the weight feeds no output
             computed = [[] for _ in batches]
         per_batch = []

@@ -542,3 +542,31 @@ def test_layer_stage_leaves_the_network_stage_its_share_of_the_budget():
     outcome = predictor_search(ctx)
     assert ctx.scorings_by_stage.get("fit", 0) + ctx.scorings_by_stage.get("network", 0) > 0
     assert outcome.feasible and ctx.scorings <= 20
+
+
+def test_the_time_budget_stops_a_scoring_in_progress_but_not_a_forced_one():
+    layers, truth = make_layers([1000, 2000], [0.2, 0.3])
+    plain = stub_evaluate(truth)
+    now = [0.0]
+    stops = []
+
+    def evaluate(tuples, subset, stop=None):
+        values = []
+        for tup in tuples:  # each tuple takes 1 s, checked halfway
+            now[0] += 0.5
+            if stop is not None:
+                stops.append(now[0])
+                stop()
+            now[0] += 0.5
+            values.append(plain([tup], subset)[0])
+        return values
+
+    ctx = SearchContext(layers, evaluate, {"search": 0.99, "full": 0.99}, 1.0, "absolute", time_budget=2.0,
+                        clock=lambda: now[0], start=0.0, interruptible=True)
+    tuples = [{"w0": 2}, {"w0": 4}, {"w1": 2}]
+    with pytest.raises(BudgetExhausted):
+        ctx.losses(tuples)  # the third tuple's check comes at 2.5 s
+    assert ctx.stopped_by == "time_budget" and stops == [0.5, 1.5, 2.5]
+    assert ctx.known(tuples[0]) is None  # the batch that was stopped records nothing
+    assert len(ctx.losses(tuples, "full", force=True)) == 3  # the final verification always runs
+    assert stops == [0.5, 1.5, 2.5]

@@ -615,3 +615,25 @@ def test_an_executor_that_draws_ahead_gives_the_same_scores(labelled):
     assert ahead.score([distinct[2]]) == [expected[3][0]] and ahead.executor.measured == 4  # memo
     local.close()
     ahead.close()
+
+
+class Spent(Exception):
+    """What the test's stop raises (a spent time budget)."""
+
+
+def test_a_stop_between_batches_interrupts_the_scoring_in_progress(labelled):
+    scorer = make_scorer(labelled, "session", search_samples=120, batch_size=40)  # 3 batches a scoring
+    candidates = [{"fc.W": scorer.originals["fc.W"] * f} for f in (0.5, 0.25, 0.1)]
+    calls = []
+
+    def stop():  # the time budget runs out during the second candidate's second batch
+        calls.append(1)
+        if len(calls) == 5:
+            raise Spent
+
+    with pytest.raises(Spent):
+        scorer.score_with_divergence(candidates, stop=stop)
+    assert scorer.scorings_run == 1  # the first candidate was measured; the interrupted one is not stored
+    fresh = make_scorer(labelled, "session", search_samples=120, batch_size=40)
+    assert scorer.score(candidates) == fresh.score(candidates)  # nothing half-measured is reused
+    assert scorer.scorings_run == 3 and len(calls) == 5  # no stop given: the scorer no longer calls it
