@@ -113,6 +113,7 @@ def _with_run_options(*, batch: bool) -> Callable[[Callable[..., None]], Callabl
     return wrap
 
 
+QUIET_HELP = "No progress or summary (warnings and errors still go to stderr)."
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", exists=True, dir_okay=False, readable=True)]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Evaluation data (.npz): one array per model input (or x), optional labels y. Default: <model stem>.npz or eval.npz beside the model.", exists=True, dir_okay=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
@@ -175,8 +176,10 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _setup_logging(debug: bool, quiet: bool) -> None:
-    level = logging.DEBUG if debug else (logging.ERROR if quiet else logging.WARNING)
+def _setup_logging(debug: bool) -> None:
+    """Warnings and errors on stderr (``--quiet`` too: a warning says a result may mislead), debug
+    logs with ``--debug``."""
+    level = logging.DEBUG if debug else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(PrintableFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
@@ -230,12 +233,12 @@ def compress(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache", help="Score-cache folder (default: the user cache folder).", file_okay=False)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the score cache.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output of a different job (other model, data or settings); a rerun of the same job replaces its own output without it.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary (errors still go to stderr).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Compress MODEL by weight sharing within an accuracy-loss budget."""
-    _setup_logging(debug, quiet)
+    _setup_logging(debug)
     written = Written()
     with _errors(debug, as_json, written):
         from onnxws.outputs import check_outputs, default_output, job_identity, report_folder
@@ -289,7 +292,7 @@ def inspect(
     debug: DebugOpt = False,
 ) -> None:
     """List MODEL's float tensors: shareable weights, skipped ones with the reason, and shared ones if compressed."""
-    _setup_logging(debug, False)
+    _setup_logging(debug)
     with _errors(debug, as_json):
         from onnxws.inspection import inspect_model
 
@@ -325,7 +328,7 @@ def evaluate(
     debug: DebugOpt = False,
 ) -> None:
     """Measure the metric of any model (compressed or not) on evaluation data."""
-    _setup_logging(debug, False)
+    _setup_logging(debug)
     with _errors(debug, as_json):
         from onnxws.evaluation import evaluate_path
 
@@ -356,7 +359,7 @@ def data_command(
     debug: DebugOpt = False,
 ) -> None:
     """Turn a folder of images into an evaluation .npz of model-ready arrays."""
-    _setup_logging(debug, False)
+    _setup_logging(debug)
     with _errors(debug, as_json):
         from onnxws.images import build_npz, preprocessing
 
@@ -390,12 +393,12 @@ def batch(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache", file_okay=False)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo models that are already done.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Compress every model of a folder or manifest; resumable; exits 1 if any model failed."""
-    _setup_logging(debug, quiet)
+    _setup_logging(debug)
     written = Written()
     with _errors(debug, as_json, written):
         from dataclasses import asdict

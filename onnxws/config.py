@@ -319,7 +319,7 @@ class CompressConfig:
 
     Paths and flags that do not change the result (output paths, ``--force``, ``--quiet``,
     the cache) are not part of it. Construct directly, with ``from_dict`` / ``from_toml``
-    (the TOML structure of DESIGN.md), or copy with ``with_options``. Invalid values raise
+    (the TOML structure of docs/design.md), or copy with ``with_options``. Invalid values raise
     UsageError.
     """
 
@@ -422,7 +422,7 @@ class CompressConfig:
         return merged, " + ".join(f'tensor."{p}"' for p in best)
 
     def check_patterns(self, names: Iterable[str], op_types: Iterable[str]) -> None:
-        """Fail on config tables that select nothing in this model (DESIGN.md: such patterns are errors).
+        """Fail on config tables that select nothing in this model (such patterns are errors: a typo must not silently select nothing).
 
         Args:
             names: the model's tensor names.

@@ -1,4 +1,4 @@
-"""Emit stage: write shared weights into the graph (DESIGN.md "Encoding contract").
+"""Emit stage: write shared weights into the graph (docs/design.md, "Encoding contract").
 
 Each shared weight ``W`` (an initializer or a ``Constant`` output of the main graph) is rebuilt
 in-graph as ``Gather(<W>.codebook, Cast(<W>.indices -> INT32), axis=0)``, producing ``W``'s name:

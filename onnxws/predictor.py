@@ -4,8 +4,8 @@
 its layers measured alone. The alphas come from a regression on really-scored tuples
 (Dupuis et al.). With few scored tuples and many layers plain least squares is
 under-determined, so the fit is ridge-regularised towards alpha = 1 (exact additivity, which
-NOTES.md measured to hold roughly) and constrained to alpha >= 0; with enough tuples the data
-dominate and it is the paper's multivariate regression.
+was measured to hold roughly on the models tried) and constrained to alpha >= 0; with enough
+tuples the data dominate and it is the paper's multivariate regression.
 
 The predicted front (min stored bits for each predicted loss) is found exactly by merging
 per-layer Pareto sets layer by layer (a multiple-choice knapsack solved by Pareto-set

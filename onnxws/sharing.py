@@ -150,5 +150,5 @@ class SharedWeight:
         return float(np.sum(error))
 
     def stored_bits(self, codebook_bits: int) -> int:
-        """Theoretical size in bits: ``n * b + G * k * codebook_bits`` (DESIGN.md CR)."""
+        """Theoretical size in bits: ``n * b + G * k * codebook_bits`` (docs/design.md, CR)."""
         return self.params * self.bits + self.n_codebooks * self.k * codebook_bits

@@ -219,7 +219,7 @@ def _mlp(sizes: list[int], seed: int = 0, opset: int = 17) -> onnx.ModelProto:
 
 
 def test_packing_efficiency_with_3_5_6_bit_widths():
-    """Bytes on disk follow the theoretical whole-model ratio (efficiency >= 0.95, DESIGN.md)."""
+    """Bytes on disk follow the theoretical whole-model ratio (efficiency >= 0.95, docs/design.md)."""
     model = _mlp([256, 256, 256, 128])
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     shared = [_shared(n, values[n].shape, k, seed=k) for n, k in (("w0", 8), ("w1", 32), ("w2", 64))]

@@ -316,3 +316,15 @@ def test_a_tensor_whose_data_does_not_match_its_dims_is_bad_input(tmp_path):
     for args in (["compress", str(path), "--no-cache"], ["inspect", str(path)]):
         output = run_bad(tmp_path, args, 1, weight.name)
         assert "internal error" not in output
+
+
+def test_quiet_still_shows_the_warnings(floaty):
+    """--quiet drops progress and summary, not a warning that the result may mislead."""
+    folder, arrays = floaty
+    x = arrays["x"].copy()
+    x[:5] = np.nan
+    path = _save_npz(folder / "part.npz", x=x, y=arrays["y"])
+    result = runner.invoke(app, ["compress", str(folder / "m.onnx"), "--data", str(path), "--no-cache", "--quiet",
+                                 "--max-scorings", "15", "-o", str(folder / "q.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "5 of 200 samples" in result.output and "left out" in result.output

@@ -5,7 +5,7 @@ Builds a ResNet-50-shaped model with random weights (``tools/bench_scoring.py``:
 random indices (codebook per tensor), encodes it with ``onnxws.encoding.encode_model`` and, for the
 float model and each encoded one, creates an ONNX Runtime session in a fresh subprocess (CPU, one
 intra-op thread, otherwise default options, so constant folding rebuilds the weights at start-up).
-Reported per variant: file size, packing efficiency (DESIGN.md), session start-up time and the
+Reported per variant: file size, packing efficiency (docs/design.md), session start-up time and the
 process's peak RSS during session creation (VmHWM after creation; its growth over the RSS just
 before), medians of ``--repeats`` runs. Variants beyond the default layouts show what packing costs
 and saves: 3 bits in UINT4 (``pack=False``), 5 bits in UINT8, 4 and 2 bits as bit streams at opset 17,

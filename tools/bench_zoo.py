@@ -7,7 +7,7 @@ Writes ``OUT/zoo.toml`` (a batch manifest: ``[defaults]`` with the compress opti
 ``[[model]]`` per ``ZOO/<name>.json`` with ``path``, ``data`` and, where the zoo says so, a
 custom ``metric`` such as ``tools.zoo.ocr_metric:exact_match``), runs ``onnxws batch`` on it
 from the repository root with the root on ``PYTHONPATH`` (so the zoo's metric modules import;
-resumable: finished models are not redone), then reads each ``OUT/<name>.report/report.json``
+resumable: finished models are not redone), then reads each ``OUT/<name>.ws.report/report.json``
 and writes ``OUT/zoo_results.md`` (also printed): model, parameters, metric, baseline, final,
 loss, per-layer CR, best uniform-k CR, their ratio, file ratio, real scorings and seconds per
 stage, headed by the date, machine and onnxws command. Beside them, what standard formats
@@ -136,7 +136,10 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
     errors = failures(out)
     for name, meta in models:
-        report_path = out / f"{name}.report" / "report.json"
+        # `onnxws batch` writes <name>.ws.report/ (the output's report folder; batches before
+        # the rename wrote <name>.report/, which the next batch renames).
+        report_path = next((p for p in (out / f"{name}.ws.report" / "report.json", out / f"{name}.report" / "report.json")
+                            if p.exists()), out / f"{name}.ws.report" / "report.json")
         params = f"{meta.get('params', 0):,}"
         if not report_path.exists():
             why = errors.get(name, "not run (no report)").replace("|", "/").replace("\n", " ")
