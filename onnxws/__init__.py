@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnxws.errors import BudgetError, InputError, LimitError, NothingToShareError, OnnxwsError, UsageError, VerificationError  # noqa: E402
+from onnxws.errors import (BudgetError, InputError, LimitError, NothingToShareError, OnnxwsError, ScoringError,  # noqa: E402
+                           UsageError, VerificationError)
 
 
 def __getattr__(name: str):
@@ -21,4 +22,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["compress", "Result", "CompressConfig", "TensorSettings", "OnnxwsError", "InputError", "UsageError",
-           "NothingToShareError", "BudgetError", "LimitError", "VerificationError", "__version__"]
+           "NothingToShareError", "BudgetError", "LimitError", "ScoringError", "VerificationError", "__version__"]

@@ -232,6 +232,7 @@ def compress(
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML config: [global] (run options and tensor defaults), [op_type.NAME] and [tensor.\"GLOB\"] tables of tensor settings (skip, min_params, bits, k_max, granularity), most specific first; options given here override it. Every report folder holds its run's resolved config.toml.", exists=True, dir_okay=False)] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache", help="Score-cache folder (default: the user cache folder).", file_okay=False)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the score cache.")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Worker processes scoring candidates side by side, one ONNX Runtime thread each (1: in this process, ORT's own threads). Not part of the config: the scores are the same.")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output of a different job (other model, data or settings); a rerun of the same job replaces its own output without it.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     as_json: JsonOpt = False,
@@ -259,7 +260,7 @@ def compress(
                       job=lambda: job_identity(model, data, cfg.to_dict()))
         cache: Any = False if no_cache else (cache_dir / "scores.sqlite" if cache_dir else None)
         with _StageProgress(enabled=not quiet and not as_json) as stages:
-            result = run_compress(model, data, config=cfg, cache=cache, progress=stages)
+            result = run_compress(model, data, config=cfg, cache=cache, progress=stages, jobs=jobs)
         result.save(target, report_dir=folder, force=force)
         written.paths += [target, folder]
         report = result.report

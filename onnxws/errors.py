@@ -50,6 +50,12 @@ class VerificationError(OnnxwsError):
     exit_code = 1
 
 
+class ScoringError(OnnxwsError):
+    """Scoring could not go on for a reason outside the input: a worker process died (exit 1)."""
+
+    exit_code = 1
+
+
 class Interrupts:
     """Whether a KeyboardInterrupt came from the user (Ctrl-C, SIGTERM) or from code that raised it.
 

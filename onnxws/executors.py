@@ -9,14 +9,26 @@ executor: only where and how fast the measurements run does.
 
 ``LocalExecutor`` is the in-process executor: it measures each candidate with the scorer's own
 sessions, one at a time, as the search's candidate generator yields it (one decoded candidate in
-memory at a time). A scoring pool or a cluster plugs in here: each worker holds its own sessions
-and evaluation data (a ``Scorer`` without a cache, built once per worker) and runs
-``Scorer.measure`` on the candidates it is sent.
+memory at a time). ``PoolExecutor`` (``compress --jobs N``) measures them in N worker processes:
+each worker builds its own measurer once (a ``Scorer`` without a cache, one ORT intra-op thread,
+the model and the evaluation data sent once, when it starts) and runs ``measure`` on the
+candidates it is sent; a cluster executor plugs in the same way. A candidate that changes one
+weight always goes to the same worker, so that worker's prefix activations for that weight
+(suffix runs) are computed once.
+
+An executor's measurements equal the in-process ones when the workers run the same engine on
+the same ORT build with the same activation budget; every executor yields them in submission
+order, so the search and its answer do not depend on the executor.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -46,16 +58,29 @@ class Executor(Protocol):
     """Measures candidates; yields one Measurement per candidate, in submission order."""
 
     name: str
+    jobs: int  # candidates it measures side by side
 
     def measure(self, candidates: Iterable[Candidate], subset: str) -> Iterator[Measurement]: ...
 
+    def grow_search(self, n: int) -> None:
+        """The scorer's search subset is now its first ``n`` samples (``Scorer.grow_search``)."""
+
     def close(self) -> None: ...
+
+
+class Measurer(Protocol):
+    """What a worker builds once and measures candidates with (a ``Scorer`` without a cache)."""
+
+    def measure(self, candidate: Candidate, subset: str) -> Measurement: ...
+
+    def grow_search(self, n: int) -> None: ...
 
 
 class LocalExecutor:
     """In-process: each candidate measured by ``measure(candidate, subset)`` as it is drawn."""
 
     name = "local"
+    jobs = 1
 
     def __init__(self, measure: Callable[[Candidate, str], Measurement]) -> None:
         self._measure = measure
@@ -65,5 +90,105 @@ class LocalExecutor:
             yield self._measure(candidate, subset)
             del candidate  # before the generator decodes the next one
 
+    def grow_search(self, n: int) -> None:
+        pass  # the scorer measures with its own (grown) subset
+
     def close(self) -> None:
         self._measure = None  # type: ignore[assignment]
+
+
+class WorkerDied(Exception):
+    """A worker process of a ``PoolExecutor`` ended while measuring (killed, out of memory)."""
+
+
+_measurer: Measurer | None = None  # the worker process's measurer (set by _start_worker)
+_grown_to: int | None = None  # the search subset size it was last grown to
+
+
+def _start_worker(build: Callable[[], Measurer]) -> None:
+    global _measurer
+    _measurer = build()
+
+
+def _measure_in_worker(candidate: Candidate, subset: str, n_search: int | None) -> Measurement:
+    global _grown_to
+    assert _measurer is not None, "worker not started"
+    if n_search is not None and n_search != _grown_to:
+        _measurer.grow_search(n_search)
+        _grown_to = n_search
+    return _measurer.measure(candidate, subset)
+
+
+class PoolExecutor:
+    """Measures candidates in ``jobs`` worker processes on this machine.
+
+    Args:
+        build: a picklable callable that builds a worker's ``Measurer`` (``Scorer.worker_builder``);
+            called once in each worker when it starts (spawned: no ORT state crosses a fork).
+        jobs: worker processes (>= 2).
+        ahead: candidates each worker may have queued beyond the one it runs (memory: every
+            queued candidate is a pickled copy of its arrays).
+
+    A candidate that changes one weight goes to worker ``crc32(name) % jobs``; the others go
+    to the worker with the fewest candidates outstanding. Results come back in submission order.
+    """
+
+    name = "pool"
+
+    def __init__(self, build: Callable[[], Measurer], jobs: int, ahead: int = 1) -> None:
+        if jobs < 2:
+            raise ValueError(f"a pool needs at least 2 jobs, got {jobs}")
+        context = multiprocessing.get_context("spawn")
+        self.jobs = jobs
+        self._ahead = ahead
+        self._n_search: int | None = None
+        self._workers = [ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_worker,
+                                             initargs=(build,)) for _ in range(jobs)]
+        self._outstanding = [0] * jobs
+
+    def grow_search(self, n: int) -> None:
+        self._n_search = n
+
+    def _worker_for(self, candidate: Candidate) -> int:
+        if len(candidate) == 1:
+            return zlib.crc32(next(iter(candidate)).encode()) % self.jobs
+        return min(range(self.jobs), key=lambda i: (self._outstanding[i], i))
+
+    def measure(self, candidates: Iterable[Candidate], subset: str) -> Iterator[Measurement]:
+        pending: deque[tuple[int, Future]] = deque()
+        limit = self.jobs * (1 + self._ahead)
+        source = iter(candidates)
+        try:
+            exhausted = False
+            while pending or not exhausted:
+                while not exhausted and len(pending) < limit:
+                    candidate = next(source, None)
+                    if candidate is None:
+                        exhausted = True
+                        break
+                    worker = self._worker_for(candidate)
+                    pending.append((worker, self._workers[worker].submit(_measure_in_worker, dict(candidate), subset,
+                                                                         self._n_search)))
+                    self._outstanding[worker] += 1
+                    del candidate
+                if not pending:
+                    break
+                worker, future = pending.popleft()
+                try:
+                    result = future.result()
+                except BrokenProcessPool as exc:
+                    raise WorkerDied(f"scoring worker {worker + 1} of {self.jobs} ended while measuring "
+                                     "(killed, or out of memory)") from exc
+                finally:
+                    self._outstanding[worker] -= 1
+                yield result
+        finally:  # stopped early (an error, a spent time budget): drop what was not started
+            for worker, future in pending:
+                if future.cancel():
+                    self._outstanding[worker] -= 1
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.shutdown(wait=True, cancel_futures=True)
+        self._workers = []
+

@@ -93,6 +93,7 @@ def compress(
     config: CompressConfig | None = None,
     cache: str | Path | bool | None = None,
     progress: ProgressFn | None = None,
+    jobs: int = 1,
     **options: Any,
 ) -> Result:
     """Compress a model by weight sharing within an accuracy-loss budget.
@@ -106,6 +107,8 @@ def compress(
             (``loss_mode``, ``search_samples``, ``strategy``, ...) and ``granularity`` its global one.
         cache: score-cache path, True/None for the default location, False to disable.
         progress: callback ``(stage, done, total, message)``.
+        jobs: worker processes that score candidates (1: in this process). Like the cache, not
+            part of the config: it changes where scorings run, not what they give.
 
     Raises:
         InputError, NothingToShareError, BudgetError, VerificationError (all OnnxwsError).
@@ -122,6 +125,7 @@ def compress(
         scorer = Scorer(loaded.proto, scored, loaded.data, loaded.metric, device=config.device, holdout=loaded.n_holdout,
                         search_samples=config.search_samples, batch_size=config.batch_size, cache=_open_cache(cache))
     try:
+        scorer.use_pool(jobs)
         with _timed(timings, "setup"):
             resolution = set_resolution(loaded.metric, scorer.whole_reference(), loaded.data, _output_names(loaded),
                                         config.loss_mode, seed=config.seed)

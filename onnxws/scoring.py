@@ -10,6 +10,7 @@ subset (up to ``activation_budget`` bytes, first come first kept).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -22,9 +23,10 @@ import onnx
 
 from onnxws.cache import ScoreCache
 from onnxws.data import Batch, EvalData, concat_outputs, default_batch_size, fixed_batch, join_outputs, plan_batches
-from onnxws.engines import Cut, InputsEngine, SessionEngine, plan_cut, prefix_model, prepare, producer_model, suffix_model
-from onnxws.errors import InputError, OnnxwsError, UsageError, one_line
-from onnxws.executors import Executor, LocalExecutor, Measurement
+from onnxws.engines import (Cut, InputsEngine, Prepared, SessionEngine, plan_cut, prefix_model, prepare, producer_model,
+                            suffix_model)
+from onnxws.errors import InputError, OnnxwsError, ScoringError, UsageError, one_line
+from onnxws.executors import Executor, LocalExecutor, Measurement, PoolExecutor, WorkerDied
 from onnxws.runtime import CUDA, resolve_providers, shared_cpu_arena
 from onnxws.metrics import Metric, output_divergence, squared_sum
 
@@ -71,7 +73,7 @@ class Scorer:
     """Scores candidate weights: the metric of the model with some weights replaced.
 
     Args:
-        model: the original model (weights loaded in memory).
+        model: the original model (weights loaded in memory), or it already ``prepare``d.
         weight_names: the tensors candidates may replace (initializers or Constant outputs).
         data: evaluation data checked against ``model``.
         metric: what a score is (higher is better).
@@ -104,7 +106,7 @@ class Scorer:
 
     def __init__(
         self,
-        model: onnx.ModelProto,
+        model: onnx.ModelProto | Prepared,
         weight_names: Sequence[str],
         data: EvalData,
         metric: Metric,
@@ -133,7 +135,8 @@ class Scorer:
         self.threads = threads
         self.providers, self.provider = resolve_providers(device)
         self._device = "cuda" if self.provider == CUDA else "cpu"
-        self._prepared = prepare(model, self.weight_names)
+        self._prepared = model if isinstance(model, Prepared) else prepare(model, self.weight_names)
+        model = self._prepared.model  # the graph without its payloads: inputs and outputs as given
         self._originals = {n: self._prepared.stored[n] for n in self.weight_names}
         self._output_names = [o.name for o in model.graph.output]
         if not 0 <= holdout < data.n:
@@ -141,6 +144,7 @@ class Scorer:
         self.n_full = data.n - holdout
         self.n_holdout = holdout
         self.n_search = min(search_samples, self.n_full)
+        self._source = data
         self._data = {"search": data.head(self.n_search), "full": data.head(self.n_full)}
         if holdout:
             self._data["holdout"] = data.tail(holdout)
@@ -249,6 +253,10 @@ class Scorer:
         try:
             for i, measured in enumerate(self.executor.measure(misses(), subset)):
                 self._store(submitted[i], measured, waiting, results)
+                if stop is not None:  # between candidates too (an executor measuring elsewhere)
+                    stop()
+        except WorkerDied as exc:
+            raise ScoringError(f"{exc}; rerun with fewer --jobs, or without (the score cache keeps what was measured)") from exc
         finally:
             self._stop = None
         return [result if spread else result[:2] for result in results]  # type: ignore[index]
@@ -302,7 +310,28 @@ class Scorer:
         same = n == self.n_full and "full" in self._reference  # the full set's reference run is this one
         self._compute_baseline("search", self._reference["full"] if same else None)
         self.baseline_search = self._baseline["search"]
+        self.executor.grow_search(n)
         logger.info("scorer: search subset grown to %d samples, baseline %.4f", n, self.baseline_search)
+
+    def worker_builder(self, threads: int = 1) -> Callable[[], Scorer]:
+        """A picklable callable that builds, in a worker process, a scorer measuring exactly as this
+        one does (same prepared model, weights, data, metric, subsets, batches and engine; no cache,
+        ``threads`` intra-op threads): what ``PoolExecutor`` and cluster workers run."""
+        return functools.partial(
+            Scorer, self._prepared, self.weight_names, self._source, self.metric, device=self._device,
+            search_samples=self.n_search, holdout=self.n_holdout, batch_size=self.batch_size, cache=None,
+            engine=self.engine, threads=threads, reuse_activations=self.reuse_activations,
+            activation_budget=self.activation_budget)
+
+    def use_pool(self, jobs: int) -> None:
+        """Measure candidates in ``jobs`` worker processes (``PoolExecutor``); 1 keeps them in-process."""
+        if jobs < 1:
+            raise UsageError(f"--jobs {jobs}: must be >= 1")
+        if jobs == 1:
+            return
+        self.executor.close()
+        self.executor = PoolExecutor(self.worker_builder(), jobs)
+        logger.info("scorer: %d worker processes, one ORT thread each", jobs)
 
     def outputs(self, candidate: Mapping[str, np.ndarray], subset: str = "full") -> list[np.ndarray]:
         """Raw model outputs with ``candidate``'s weights (concatenated over batches); not a scoring."""

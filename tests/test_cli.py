@@ -217,3 +217,18 @@ def test_inspect_lists_shareable_and_skipped(lenet_dir):
     rows = json.loads(result.stdout)["tensors"]
     status = {r["name"]: r["status"] for r in rows}
     assert status["net.fc1.weight"] == "shareable" and status["net.conv1.bias"] == "skipped"
+
+
+def test_jobs_score_in_worker_processes_with_the_same_output_bytes(lenet_dir, tmp_path):
+    """--jobs 2 changes where candidates are scored, not what the run writes."""
+    outputs = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"j{jobs}.onnx"
+        result = runner.invoke(app, ["compress", str(lenet_dir / "model.onnx"), "-o", str(out), "--no-cache", "--quiet",
+                                     "--search-samples", "500", "--max-scorings", "60", "--jobs", jobs])
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / f"j{jobs}.report" / "report.json").read_text())
+        assert report["exploration"]["executor"] == {"name": "local" if jobs == "1" else "pool", "jobs": int(jobs)}
+        assert "jobs" not in report["config"]["global"]
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]

@@ -637,3 +637,26 @@ def test_a_stop_between_batches_interrupts_the_scoring_in_progress(labelled):
     fresh = make_scorer(labelled, "session", search_samples=120, batch_size=40)
     assert scorer.score(candidates) == fresh.score(candidates)  # nothing half-measured is reused
     assert scorer.scorings_run == 3 and len(calls) == 5  # no stop given: the scorer no longer calls it
+
+
+def test_a_pool_of_workers_measures_what_the_scorer_measures_in_process(labelled):
+    """compress --jobs N: the same measurements in submission order, from spawned workers that
+    each built their own scorer; a grown subset reaches the workers."""
+    local = make_scorer(labelled, "session", search_samples=120, batch_size=40)
+    pooled = make_scorer(labelled, "session", search_samples=120, batch_size=40)
+    pooled.use_pool(2)
+    assert pooled.executor.name == "pool"
+    rng = np.random.default_rng(3)
+    candidates = [{"fc.W": local.originals["fc.W"] * f} for f in (0.5, 0.25)]  # one weight: suffix runs
+    candidates += [{n: (a + rng.normal(0, 0.2, a.shape)).astype(np.float32) for n, a in local.originals.items()}
+                   for _ in range(3)]
+    try:
+        assert pooled.score_with_divergence(candidates, spread=True) == local.score_with_divergence(candidates, spread=True)
+        assert pooled.score_with_divergence(candidates, "full") == local.score_with_divergence(candidates, "full")
+        local.grow_search(200)
+        pooled.grow_search(200)
+        assert pooled.score(candidates) == local.score(candidates)
+        assert pooled.scorings_run == local.scorings_run == 15 and pooled.scorings_suffix == local.scorings_suffix
+    finally:
+        pooled.close()
+        local.close()
