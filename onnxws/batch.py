@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,16 +123,25 @@ def run_batch(
     cache: Any = None,
     force: bool = False,
     on_row: Callable[[BatchRow], None] | None = None,
+    ray: str | None = None,
 ) -> list[BatchRow]:
     """Compress every model of ``source`` into ``out_dir``; write summary.md and summary.csv.
 
-    Returns one row per model. Never raises for a single model's failure.
+    ``jobs`` models run side by side: in processes, or with ``ray`` (a cluster address) in
+    threads of this process whose scorings run on the cluster, the cluster's CPUs shared
+    between them. Returns one row per model. Never raises for a single model's failure.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise InputError(f"output folder is not writable: {out_dir}")
     items = collect(source, out_dir)
-    tasks = [(item, out_dir, options, config_path, cache, force) for item in items]
+    cluster = None
+    if ray is not None:
+        from onnxws.cluster import Cluster
+
+        cluster = Cluster(ray)  # connected once, before any model: a bad address fails at once
+    scoring = None if cluster is None else max(cluster.cpus // max(min(jobs, len(items)), 1), 1)
+    tasks = [(item, out_dir, options, config_path, cache, force, ray, scoring) for item in items]
     rows: list[BatchRow] = []
 
     def record(row: BatchRow) -> None:
@@ -141,13 +150,18 @@ def run_batch(
         if on_row:
             on_row(row)
 
-    if jobs <= 1:
-        for task in tasks:
-            record(_run_one(*task))
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for row in pool.map(_run_one_star, tasks):
-                record(row)
+    try:
+        if jobs <= 1:
+            for task in tasks:
+                record(_run_one(*task))
+        else:
+            side_by_side = ThreadPoolExecutor if cluster is not None else ProcessPoolExecutor
+            with side_by_side(max_workers=jobs) as pool:
+                for row in pool.map(_run_one_star, tasks):
+                    record(row)
+    finally:
+        if cluster is not None:
+            cluster.close()
     return sorted(rows, key=lambda r: r.model)
 
 
@@ -155,7 +169,8 @@ def _run_one_star(args: tuple) -> BatchRow:
     return _run_one(*args)
 
 
-def _run_one(item: BatchItem, out_dir: Path, options: dict, config_path: Path | None, cache: Any, force: bool) -> BatchRow:
+def _run_one(item: BatchItem, out_dir: Path, options: dict, config_path: Path | None, cache: Any, force: bool,
+             ray: str | None = None, scoring_jobs: int | None = None) -> BatchRow:
     from onnxws.pipeline import compress
 
     target = out_dir / f"{item.stem}.ws.onnx"
@@ -174,7 +189,7 @@ def _run_one(item: BatchItem, out_dir: Path, options: dict, config_path: Path | 
                 return _row(item.stem, "skipped (done)", json.loads((folder / "report.json").read_text()))
             check_outputs(target, folder, force=False, job=job, inputs=inputs)  # raises: another job's output
         check_outputs(target, folder, force=force, inputs=inputs)
-        result = compress(item.model, item.data, config=cfg, cache=cache)
+        result = compress(item.model, item.data, config=cfg, cache=cache, ray=ray, jobs=scoring_jobs)
         result.save(target, report_dir=folder, force=force)
         return _row(item.stem, "ok", result.report, seconds=time.perf_counter() - start)
     except OnnxwsError as exc:

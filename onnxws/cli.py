@@ -114,6 +114,8 @@ def _with_run_options(*, batch: bool) -> Callable[[Callable[..., None]], Callabl
 
 
 QUIET_HELP = "No progress or summary (warnings and errors still go to stderr)."
+RAY_HELP = ("Score on a Ray cluster (pip install \"onnxws[ray]\"): local (start one on this machine), auto (the running "
+            "one, or RAY_ADDRESS), HOST:PORT or ray://HOST:PORT. Not part of the config: the output is the same.")
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", exists=True, dir_okay=False, readable=True)]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Evaluation data (.npz): one array per model input (or x), optional labels y. Default: <model stem>.npz or eval.npz beside the model.", exists=True, dir_okay=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
@@ -232,7 +234,8 @@ def compress(
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML config: [global] (run options and tensor defaults), [op_type.NAME] and [tensor.\"GLOB\"] tables of tensor settings (skip, min_params, bits, k_max, granularity), most specific first; options given here override it. Every report folder holds its run's resolved config.toml.", exists=True, dir_okay=False)] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache", help="Score-cache folder (default: the user cache folder).", file_okay=False)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the score cache.")] = False,
-    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Worker processes scoring candidates side by side, one ONNX Runtime thread each (1: in this process, ORT's own threads). Not part of the config: the scores are the same.")] = 1,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="Workers scoring candidates side by side, one ONNX Runtime thread each: processes on this machine (default 1: in this process, with ORT's own threads), or Ray actors with --ray (default: one per CPU of the cluster). Not part of the config: the scores are the same.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help=RAY_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output of a different job (other model, data or settings); a rerun of the same job replaces its own output without it.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     as_json: JsonOpt = False,
@@ -260,7 +263,7 @@ def compress(
                       job=lambda: job_identity(model, data, cfg.to_dict()))
         cache: Any = False if no_cache else (cache_dir / "scores.sqlite" if cache_dir else None)
         with _StageProgress(enabled=not quiet and not as_json) as stages:
-            result = run_compress(model, data, config=cfg, cache=cache, progress=stages, jobs=jobs)
+            result = run_compress(model, data, config=cfg, cache=cache, progress=stages, jobs=jobs, ray=ray)
         result.save(target, report_dir=folder, force=force)
         written.paths += [target, folder]
         report = result.report
@@ -390,7 +393,8 @@ def batch(
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Output folder: <stem>.ws.onnx, <stem>.ws.report/, summary.md, summary.csv.", file_okay=False)],
     run_options: dict[str, Any] | None = None,
     config: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False)] = None,
-    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Models compressed in parallel (processes).")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Models compressed side by side (processes; with --ray, threads whose scorings share the cluster).")] = 1,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help=RAY_HELP)] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache", file_okay=False)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo models that are already done.")] = False,
@@ -419,7 +423,8 @@ def batch(
                 err.print(plain(f"{row.status:>15}", colour) + plain(f" {row.model}: ") + plain(message_line(detail)),
                           soft_wrap=True)
 
-        rows = run_batch(source, out_dir, options, config_path=config, jobs=jobs, cache=cache, force=force, on_row=show)
+        rows = run_batch(source, out_dir, options, config_path=config, jobs=jobs, cache=cache, force=force, on_row=show,
+                         ray=ray)
         failed = [r for r in rows if r.status == "failed"]
         if as_json:
             terminal.result({"out_dir": str(out_dir), "models": [asdict(r) for r in rows]})

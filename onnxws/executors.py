@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -101,53 +101,64 @@ class WorkerDied(Exception):
     """A worker process of a ``PoolExecutor`` ended while measuring (killed, out of memory)."""
 
 
-_measurer: Measurer | None = None  # the worker process's measurer (set by _start_worker)
-_grown_to: int | None = None  # the search subset size it was last grown to
+class WorkerMeasurer:
+    """A worker's side: the measurer built once when the worker starts, kept at the driver's
+    search-subset size (each request carries it). A pool worker process holds one; a cluster
+    worker (a Ray actor) is one."""
+
+    def __init__(self, build: Callable[[], Measurer]) -> None:
+        self._measurer = build()
+        self._grown_to: int | None = None
+
+    def measure(self, candidate: Candidate, subset: str, n_search: int | None) -> Measurement:
+        if n_search is not None and n_search != self._grown_to:
+            self._measurer.grow_search(n_search)
+            self._grown_to = n_search
+        return self._measurer.measure(candidate, subset)
+
+
+_worker: WorkerMeasurer | None = None  # a pool worker process's measurer (set by _start_worker)
 
 
 def _start_worker(build: Callable[[], Measurer]) -> None:
-    global _measurer
-    _measurer = build()
+    global _worker
+    _worker = WorkerMeasurer(build)
 
 
 def _measure_in_worker(candidate: Candidate, subset: str, n_search: int | None) -> Measurement:
-    global _grown_to
-    assert _measurer is not None, "worker not started"
-    if n_search is not None and n_search != _grown_to:
-        _measurer.grow_search(n_search)
-        _grown_to = n_search
-    return _measurer.measure(candidate, subset)
+    assert _worker is not None, "worker not started"
+    return _worker.measure(candidate, subset, n_search)
 
 
-class PoolExecutor:
-    """Measures candidates in ``jobs`` worker processes on this machine.
+class WorkerExecutor:
+    """Measures candidates on ``jobs`` workers, each with its own measurer, in submission order.
 
-    Args:
-        build: a picklable callable that builds a worker's ``Measurer`` (``Scorer.worker_builder``);
-            called once in each worker when it starts (spawned: no ORT state crosses a fork).
-        jobs: worker processes (>= 2).
-        ahead: candidates each worker may have queued beyond the one it runs (memory: every
-            queued candidate is a pickled copy of its arrays).
-
-    A candidate that changes one weight goes to worker ``crc32(name) % jobs``; the others go
-    to the worker with the fewest candidates outstanding. Results come back in submission order.
+    A candidate that changes one weight goes to worker ``crc32(name) % jobs`` (so that worker's
+    prefix activations for that weight are computed once); the others go to the worker with the
+    fewest candidates outstanding. At most ``jobs * (1 + ahead)`` candidates are in flight
+    (memory: each is a serialized copy of its arrays). Subclasses say how a worker is sent a
+    candidate and how its measurement comes back (``_submit``, ``_result``, ``_cancel``).
     """
 
-    name = "pool"
+    name = "workers"
 
-    def __init__(self, build: Callable[[], Measurer], jobs: int, ahead: int = 1) -> None:
-        if jobs < 2:
-            raise ValueError(f"a pool needs at least 2 jobs, got {jobs}")
-        context = multiprocessing.get_context("spawn")
+    def __init__(self, jobs: int, ahead: int = 1) -> None:
         self.jobs = jobs
         self._ahead = ahead
         self._n_search: int | None = None
-        self._workers = [ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_worker,
-                                             initargs=(build,)) for _ in range(jobs)]
         self._outstanding = [0] * jobs
 
     def grow_search(self, n: int) -> None:
         self._n_search = n
+
+    def _submit(self, worker: int, candidate: Candidate, subset: str, n_search: int | None) -> Any:
+        raise NotImplementedError
+
+    def _result(self, worker: int, handle: Any) -> Measurement:
+        raise NotImplementedError
+
+    def _cancel(self, handle: Any) -> None:
+        raise NotImplementedError
 
     def _worker_for(self, candidate: Candidate) -> int:
         if len(candidate) == 1:
@@ -155,9 +166,10 @@ class PoolExecutor:
         return min(range(self.jobs), key=lambda i: (self._outstanding[i], i))
 
     def measure(self, candidates: Iterable[Candidate], subset: str) -> Iterator[Measurement]:
-        pending: deque[tuple[int, Future]] = deque()
+        pending: deque[tuple[int, Any]] = deque()
         limit = self.jobs * (1 + self._ahead)
         source = iter(candidates)
+        self._outstanding = [0] * self.jobs
         try:
             exhausted = False
             while pending or not exhausted:
@@ -167,28 +179,53 @@ class PoolExecutor:
                         exhausted = True
                         break
                     worker = self._worker_for(candidate)
-                    pending.append((worker, self._workers[worker].submit(_measure_in_worker, dict(candidate), subset,
-                                                                         self._n_search)))
+                    pending.append((worker, self._submit(worker, candidate, subset, self._n_search)))
                     self._outstanding[worker] += 1
                     del candidate
                 if not pending:
                     break
-                worker, future = pending.popleft()
-                try:
-                    result = future.result()
-                except BrokenProcessPool as exc:
-                    raise WorkerDied(f"scoring worker {worker + 1} of {self.jobs} ended while measuring "
-                                     "(killed, or out of memory)") from exc
-                finally:
-                    self._outstanding[worker] -= 1
-                yield result
+                worker, handle = pending.popleft()
+                self._outstanding[worker] -= 1
+                yield self._result(worker, handle)
         finally:  # stopped early (an error, a spent time budget): drop what was not started
-            for worker, future in pending:
-                if future.cancel():
-                    self._outstanding[worker] -= 1
+            for _, handle in pending:
+                self._cancel(handle)
+
+
+class PoolExecutor(WorkerExecutor):
+    """Measures candidates in ``jobs`` worker processes on this machine (``compress --jobs N``).
+
+    Args:
+        build: a picklable callable that builds a worker's ``Measurer`` (``Scorer.worker_builder``);
+            called once in each worker when it starts (spawned: no ORT state crosses a fork).
+        jobs: worker processes (>= 2).
+        ahead: candidates each worker may have queued beyond the one it runs.
+    """
+
+    name = "pool"
+
+    def __init__(self, build: Callable[[], Measurer], jobs: int, ahead: int = 1) -> None:
+        if jobs < 2:
+            raise ValueError(f"a pool needs at least 2 jobs, got {jobs}")
+        super().__init__(jobs, ahead)
+        context = multiprocessing.get_context("spawn")
+        self._workers = [ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_worker,
+                                             initargs=(build,)) for _ in range(jobs)]
+
+    def _submit(self, worker: int, candidate: Candidate, subset: str, n_search: int | None) -> Future:
+        return self._workers[worker].submit(_measure_in_worker, dict(candidate), subset, n_search)
+
+    def _result(self, worker: int, handle: Future) -> Measurement:
+        try:
+            return handle.result()
+        except BrokenProcessPool as exc:
+            raise WorkerDied(f"scoring worker {worker + 1} of {self.jobs} ended while measuring "
+                             "(killed, or out of memory)") from exc
+
+    def _cancel(self, handle: Future) -> None:
+        handle.cancel()
 
     def close(self) -> None:
         for worker in self._workers:
             worker.shutdown(wait=True, cancel_futures=True)
         self._workers = []
-

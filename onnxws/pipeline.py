@@ -31,6 +31,7 @@ from onnxws.outputs import Job, OutputPair, check_outputs, report_folder
 from onnxws.proto import without_payloads
 from onnxws import report_html
 from onnxws.report import build_report
+from onnxws.runtime import CUDA
 from onnxws.scoring import Scorer
 from onnxws.sharing import SharedWeight
 from onnxws.statistics import set_resolution
@@ -93,7 +94,8 @@ def compress(
     config: CompressConfig | None = None,
     cache: str | Path | bool | None = None,
     progress: ProgressFn | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,
+    ray: str | None = None,
     **options: Any,
 ) -> Result:
     """Compress a model by weight sharing within an accuracy-loss budget.
@@ -107,13 +109,33 @@ def compress(
             (``loss_mode``, ``search_samples``, ``strategy``, ...) and ``granularity`` its global one.
         cache: score-cache path, True/None for the default location, False to disable.
         progress: callback ``(stage, done, total, message)``.
-        jobs: worker processes that score candidates (1: in this process). Like the cache, not
-            part of the config: it changes where scorings run, not what they give.
+        jobs: workers that score candidates side by side: processes on this machine (default 1:
+            in this process), or Ray actors with ``ray`` (default: one per CPU of the cluster).
+        ray: a Ray cluster address to score on (``local``, ``auto``, ``HOST:PORT``,
+            ``ray://HOST:PORT``; ``onnxws.cluster``). Like the cache, ``jobs`` and ``ray`` are not
+            part of the config: they change where scorings run, not what they give.
 
     Raises:
         InputError, NothingToShareError, BudgetError, VerificationError (all OnnxwsError).
     """
     config = _resolve_config(config, loss, options)
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"--jobs {jobs}: must be >= 1")
+    if ray is None:
+        return _compress(model, data, config, cache, progress, lambda scorer: scorer.use_pool(jobs or 1))
+    from onnxws.cluster import Cluster
+
+    cluster = Cluster(ray)  # connected before any work starts: a bad address fails at once
+    try:
+        return _compress(model, data, config, cache, progress, lambda scorer: scorer.use_executor(
+            cluster.executor(scorer.worker_builder(), jobs, gpu=scorer.provider == CUDA)))
+    finally:
+        cluster.close()
+
+
+def _compress(model: str | Path | onnx.ModelProto, data: Any, config: CompressConfig, cache: str | Path | bool | None,
+              progress: ProgressFn | None, use_workers: Callable[[Scorer], None]) -> Result:
+    """``compress`` with the config resolved; ``use_workers(scorer)`` sets where candidates are scored."""
     notify = progress or _silent
     timings: dict[str, float] = {}
     t_total = time.perf_counter()
@@ -125,7 +147,7 @@ def compress(
         scorer = Scorer(loaded.proto, scored, loaded.data, loaded.metric, device=config.device, holdout=loaded.n_holdout,
                         search_samples=config.search_samples, batch_size=config.batch_size, cache=_open_cache(cache))
     try:
-        scorer.use_pool(jobs)
+        use_workers(scorer)
         with _timed(timings, "setup"):
             resolution = set_resolution(loaded.metric, scorer.whole_reference(), loaded.data, _output_names(loaded),
                                         config.loss_mode, seed=config.seed)

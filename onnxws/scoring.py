@@ -313,25 +313,29 @@ class Scorer:
         self.executor.grow_search(n)
         logger.info("scorer: search subset grown to %d samples, baseline %.4f", n, self.baseline_search)
 
-    def worker_builder(self, threads: int = 1) -> Callable[[], Scorer]:
+    def worker_builder(self, threads: int = 1, device: str | None = None) -> Callable[[], Scorer]:
         """A picklable callable that builds, in a worker process, a scorer measuring exactly as this
         one does (same prepared model, weights, data, metric, subsets, batches and engine; no cache,
-        ``threads`` intra-op threads): what ``PoolExecutor`` and cluster workers run."""
+        ``threads`` intra-op threads; ``device`` default: this scorer's): what ``PoolExecutor`` and
+        cluster workers run."""
         return functools.partial(
-            Scorer, self._prepared, self.weight_names, self._source, self.metric, device=self._device,
+            Scorer, self._prepared, self.weight_names, self._source, self.metric, device=device or self._device,
             search_samples=self.n_search, holdout=self.n_holdout, batch_size=self.batch_size, cache=None,
             engine=self.engine, threads=threads, reuse_activations=self.reuse_activations,
             activation_budget=self.activation_budget)
+
+    def use_executor(self, executor: Executor) -> None:
+        """Measure candidates with ``executor`` from now on (it is closed with the scorer)."""
+        self.executor.close()
+        self.executor = executor
+        logger.info("scorer: executor %s, %d worker(s)", executor.name, executor.jobs)
 
     def use_pool(self, jobs: int) -> None:
         """Measure candidates in ``jobs`` worker processes (``PoolExecutor``); 1 keeps them in-process."""
         if jobs < 1:
             raise UsageError(f"--jobs {jobs}: must be >= 1")
-        if jobs == 1:
-            return
-        self.executor.close()
-        self.executor = PoolExecutor(self.worker_builder(), jobs)
-        logger.info("scorer: %d worker processes, one ORT thread each", jobs)
+        if jobs > 1:
+            self.use_executor(PoolExecutor(self.worker_builder(), jobs))
 
     def outputs(self, candidate: Mapping[str, np.ndarray], subset: str = "full") -> list[np.ndarray]:
         """Raw model outputs with ``candidate``'s weights (concatenated over batches); not a scoring."""
