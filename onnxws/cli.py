@@ -192,7 +192,7 @@ class _StageProgress:
 
     LABELS = {"calibrate": "Input moments", "cluster": "Clustering + refine", "layer": "Layer sensitivity", "fit": "Predictor fit",
               "network": "Network search", "verify": "Verification", "uniform": "Uniform baseline",
-              "emit": "Emit + re-measure"}
+              "emit": "Emit + re-measure", "deploy": "Deployability"}
 
     def __init__(self, enabled: bool) -> None:
         # markup=False: stage messages carry tensor names, shown verbatim (and escaped)

@@ -165,7 +165,9 @@ def squared_sum(a: np.ndarray, b: np.ndarray | None = None) -> float:
         if b is not None:
             part = part - b[start:start + _SUM_CHUNK].astype(dtype, copy=False)
         part = part.astype(np.float64)
-        total += float(np.dot(part, part))
+        # einsum's own loop, not BLAS: np.dot's sum depends on the BLAS thread count (a Ray worker
+        # runs with OMP_NUM_THREADS=1), and a divergence must not depend on where it was measured.
+        total += float(np.einsum("i,i->", part, part))
     return total
 
 

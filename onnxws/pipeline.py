@@ -1,4 +1,5 @@
-"""The pipeline of ``onnxws compress`` as a Python API: load, score setup, input moments, cluster + refine, explore, emit, verify.
+"""The pipeline of ``onnxws compress`` as a Python API: load, score setup, input moments, cluster + refine, explore, emit, verify,
+deployability (CPU ORT figures of the input and the written model, for the report).
 
 ``compress(model, data, loss=1.0, **options) -> Result``. No printing: progress goes through
 an optional callback ``(stage, done, total, message)`` and the ``logging`` module.
@@ -21,6 +22,7 @@ import onnx
 from onnxws.cache import ScoreCache
 from onnxws.candidates import build_candidates, calibrate, refinement_plan
 from onnxws.config import RUN_KEYS, CompressConfig
+from onnxws.deployability import assess, first_batch, measurement_wanted
 from onnxws.discovery import Discovery
 from onnxws.emit_check import emit_stage
 from onnxws.errors import UsageError
@@ -183,9 +185,15 @@ def _compress(model: str | Path | onnx.ModelProto, data: Any, config: CompressCo
             emitted = emit_stage(loaded.proto, shared, scorer, loaded.data, loaded.metric, config,
                                  baseline_full=baseline["full"], loss_full=ctx.known(searched.chosen, "full"))
         notify("emit", 1, 1, "verified")
+        with _timed(timings, "deploy"):  # the report's figures only: the model's bytes are not touched
+            notify("deploy", 0, 1, "CPU sessions: creation, latency, memory")
+            deployability = assess(model if loaded.model_path is None else loaded.proto, emitted.encoded.model,
+                                   first_batch(loaded.data, scorer.batch_size, loaded.proto),
+                                   input_path=loaded.model_path, measure=measurement_wanted())
+            notify("deploy", 1, 1, "measured")
         timings["total"] = time.perf_counter() - t_total
         report = build_report(loaded, scorer, ctx, config, candidates, refine_plan, uniform, searched, emitted,
-                              resolution, timings)
+                              resolution, timings, deployability=deployability)
     finally:
         scorer.close()
     return Result(emitted.encoded.model, report, config, loaded.bytes_before, shared)

@@ -2,13 +2,16 @@
 
 Every figure in it comes from a stage result: the load stage (model, data, metric), the cluster
 stage (candidates, refinement), the search context (everything scored), the uniform baseline, the
-search stage (verification, subset growth) and the emit stage (the written model, re-measured).
+search stage (verification, subset growth), the emit stage (the written model, re-measured) and
+the deployability step (``onnxws.deployability``: what the input and the written model need to
+run, and what running them costs in CPU ORT).
 ``onnxws.report_html`` draws and writes it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 
 import numpy as np
@@ -41,6 +44,25 @@ def _resolution_note(config: CompressConfig, resolution: float | None) -> str | 
     return None
 
 
+def machine() -> dict[str, object]:
+    """What else a run's output bytes may depend on: the same inputs, seed and versions give the
+    same bytes on the same machine; across machines, compare these (the CPU decides which ORT
+    kernels run)."""
+    return {"system": platform.system(), "release": platform.release(), "architecture": platform.machine(),
+            "processor": _cpu_model() or platform.processor(), "cpus": os.cpu_count()}
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
 def versions() -> dict[str, str]:
     """The versions a run's output bytes depend on (compare them across machines)."""
     return {"onnxws": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
@@ -49,9 +71,10 @@ def versions() -> dict[str, str]:
 
 def build_report(loaded: Loaded, scorer: Scorer, ctx: SearchContext, config: CompressConfig, candidates: Candidates,
                  refine_plan: Plan, uniform: UniformBaseline, searched: Searched, emitted: Emitted,
-                 resolution: float | None, timings: dict[str, float]) -> dict:
+                 resolution: float | None, timings: dict[str, float], *, deployability: dict | None = None) -> dict:
     """The report dict (``report.json``) of one run; ``resolution``: ``statistics.set_resolution``
-    of the whole evaluation set."""
+    of the whole evaluation set; ``deployability``: ``deployability.assess`` of the input and the
+    written model (None: not assessed)."""
     proto, discovery, eval_data = loaded.proto, loaded.discovery, loaded.data
     shares, output_errors, refined_rows = candidates.shares, candidates.output_errors, candidates.refined_rows
     verification, proxy_stats, growth = searched.verification, searched.proxy_stats, searched.growth
@@ -180,7 +203,9 @@ def build_report(loaded: Loaded, scorer: Scorer, ctx: SearchContext, config: Com
             "chosen": {"k": dict(chosen), "ratio": ratio_shared},
         },
         "encoding": {"opset": encoded.opset, "notes": list(encoded.notes)},
+        "deployability": deployability,
         "config": config.to_dict(),
         "versions": versions(),
+        "machine": machine(),
     }
     return report

