@@ -26,3 +26,15 @@ def lenet_dir(tmp_path: Path) -> Path:
     for name in ("model.onnx", "eval.npz"):
         shutil.copy(LENET / name, folder / name)
     return folder
+
+
+def scores_stored(db: Path) -> int:
+    """Scorings a score cache holds (each also has '<key>|divergence' and '<key>|spread' rows); 0 while
+    it cannot be read (not written yet, or locked)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(db, timeout=1) as conn:
+            return int(conn.execute("select count(*) from scores where key not like '%|%'").fetchone()[0])
+    except sqlite3.Error:
+        return 0

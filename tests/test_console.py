@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from conftest import LENET
 from onnxws import __version__
 from onnxws.cli import app
 from onnxws.console import message_line, printable
@@ -40,31 +38,24 @@ def test_message_line_is_one_line():
     assert message_line("a\n  b\tc\x1b") == "a b c\\x1b"
 
 
-@pytest.fixture
-def lenet(tmp_path):
-    for name in ("model.onnx", "eval.npz"):
-        shutil.copy(LENET / name, tmp_path / name)
-    return tmp_path
-
-
-def test_markup_in_a_message_is_printed_verbatim(lenet):
-    result = runner.invoke(app, ["compress", str(lenet / "model.onnx"), "--metric", "exp[v2]/[/x]:f", "--no-cache"])
+def test_markup_in_a_message_is_printed_verbatim(lenet_dir):
+    result = runner.invoke(app, ["compress", str(lenet_dir / "model.onnx"), "--metric", "exp[v2]/[/x]:f", "--no-cache"])
     assert result.exit_code == 1, result.output
     lines = result.output.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "exp[v2]/[/x]:f" in lines[0], result.output
 
 
-def test_an_error_is_one_json_object_on_stdout_with_json(lenet):
-    result = runner.invoke(app, ["compress", str(lenet / "model.onnx"), "--metric", "nope:f", "--json", "--no-cache"])
+def test_an_error_is_one_json_object_on_stdout_with_json(lenet_dir):
+    result = runner.invoke(app, ["compress", str(lenet_dir / "model.onnx"), "--metric", "nope:f", "--json", "--no-cache"])
     assert result.exit_code == 1
     obj = json.loads(result.stdout)
     assert obj["exit_code"] == 1 and "nope:f" in obj["error"]
     assert [line for line in result.stderr.splitlines() if line] == [f"error: {obj['error']}"]
 
 
-def test_usage_errors_are_json_too(lenet):
-    proc = subprocess.run([sys.executable, "-m", "onnxws.cli", "compress", str(lenet / "model.onnx"), "--bogus",
-                           "--json"], capture_output=True, text=True, timeout=120, cwd=lenet)
+def test_usage_errors_are_json_too(lenet_dir):
+    proc = subprocess.run([sys.executable, "-m", "onnxws.cli", "compress", str(lenet_dir / "model.onnx"), "--bogus",
+                           "--json"], capture_output=True, text=True, timeout=120, cwd=lenet_dir)
     assert proc.returncode == 2
     obj = json.loads(proc.stdout)
     assert obj["exit_code"] == 2 and "--bogus" in obj["error"]
@@ -93,16 +84,16 @@ def test_hostile_tensor_names_are_shown_escaped(tmp_path):
     assert not any(line.startswith("error:") for line in result.output.splitlines())
 
 
-def test_sigterm_is_handled_like_ctrl_c(lenet):
+def test_sigterm_is_handled_like_ctrl_c(lenet_dir):
     """A metric that sends SIGTERM to its own process mid-run: exit 143, one line, nothing left behind."""
-    (lenet / "killer.py").write_text(
+    (lenet_dir / "killer.py").write_text(
         "import os, signal\nimport numpy as np\n\n"
         "def metric(outputs, data):\n    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return float(np.mean(outputs[0].argmax(1) == data['y']))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lenet), str(ROOT)])}
-    before = sorted(p.name for p in lenet.iterdir())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lenet_dir), str(ROOT)])}
+    before = sorted(p.name for p in lenet_dir.iterdir())
     proc = subprocess.run([sys.executable, "-m", "onnxws.cli", "compress", "model.onnx", "--metric", "killer:metric",
-                           "--no-cache", "--quiet"], capture_output=True, text=True, timeout=300, cwd=lenet, env=env)
+                           "--no-cache", "--quiet"], capture_output=True, text=True, timeout=300, cwd=lenet_dir, env=env)
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr.splitlines() == ["error: terminated (SIGTERM); nothing was written"]
-    assert sorted(p.name for p in lenet.iterdir() if p.name != "__pycache__") == before
+    assert sorted(p.name for p in lenet_dir.iterdir() if p.name != "__pycache__") == before

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 import onnxws
+from conftest import scores_stored
 from onnxws.cli import app
 
 runner = CliRunner()
@@ -88,14 +89,14 @@ def test_killed_run_resumes_from_its_cache(lenet_dir, tmp_path):
     deadline = time.time() + 120
     db = cache / "scores.sqlite"
     while time.time() < deadline and victim.poll() is None:  # wait until some scores are on disk
-        if db.exists() and _rows(db) >= 10:
+        if db.exists() and scores_stored(db) >= 10:
             break
         time.sleep(0.05)
     if victim.poll() is None:
         os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert not (tmp_path / "killed.onnx").exists() or victim.returncode == 0
-    done_before = _rows(db)
+    done_before = scores_stored(db)
     assert done_before >= 1
     out = tmp_path / "resumed.onnx"
     subprocess.run([*base, "-o", str(out)], check=True, capture_output=True)
@@ -104,17 +105,6 @@ def test_killed_run_resumes_from_its_cache(lenet_dir, tmp_path):
     exploration = report["exploration"]
     assert exploration["scorings_cached"] >= min(done_before, exploration["scorings"]) > 0
     assert exploration["scorings_run"] < exploration["scorings"]
-
-
-def _rows(db) -> int:
-    """Scorings stored (each also has '<key>|divergence' and '<key>|spread' rows)."""
-    import sqlite3
-
-    try:
-        with sqlite3.connect(db, timeout=1) as conn:
-            return int(conn.execute("select count(*) from scores where key not like '%|divergence' and key not like '%|spread'").fetchone()[0])
-    except sqlite3.Error:
-        return 0
 
 
 def test_time_budget_still_emits_a_valid_model(lenet_dir, tmp_path):

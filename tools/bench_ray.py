@@ -10,6 +10,7 @@ with a fresh scorer (no score cache) and the same candidates:
 
 - ``local``: the default local run (in-process, ONNX Runtime's own threads);
 - ``local-1t``: in-process with one ORT thread (what one worker does);
+- ``pool-2``: ``compress --jobs 2``'s executor, two worker processes on this machine, one thread each;
 - ``ray-1``: a local Ray cluster of one node with 1 CPU (``ray start --head --num-cpus 1``), 1 actor;
 - ``ray-2``: the same head plus a second node (a second ``ray start --address ... --num-cpus 1``),
   2 actors, one per node.
@@ -104,6 +105,14 @@ def main() -> int:
     one = scorer(1)
     score_s, reference = timed_scores(one, candidates)
     results["local-1t"] = {"score_s": score_s, "threads": 1}
+    pooled = scorer(None)
+    t0 = time.perf_counter()
+    pooled.use_pool(2)
+    list(pooled.executor.measure(iter([dict(pooled.originals)] * 2), "search"))  # both workers up
+    start_s = time.perf_counter() - t0
+    score_s, scores = timed_scores(pooled, candidates)
+    results["pool-2"] = {"score_s": score_s, "start_s": start_s, "workers": 2, "same_scores": scores == reference}
+    pooled.close()
     local_measure = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -150,6 +159,7 @@ def main() -> int:
         "results": results,
         "speedup_ray2_vs_ray1": results["ray-1"]["score_s"] / results["ray-2"]["score_s"],
         "speedup_ray2_vs_local": results["local"]["score_s"] / results["ray-2"]["score_s"],
+        "speedup_pool2_vs_local": results["local"]["score_s"] / results["pool-2"]["score_s"],
         "overhead_per_scoring": over["ray_1_s"] / over["local_1t_s"] - 1,
     }
     (args.out / "bench_ray.json").write_text(json.dumps(summary, indent=2))
@@ -159,6 +169,7 @@ def main() -> int:
         if label != "overhead":
             print(f"| {label} | {row['score_s']:.2f} | {row.get('start_s', 0):.2f} | {row.get('same_scores', True)} |")
     print(f"\nray-2 vs ray-1: {summary['speedup_ray2_vs_ray1']:.2f}x; ray-2 vs local: {summary['speedup_ray2_vs_local']:.2f}x; "
+          f"pool-2 vs local: {summary['speedup_pool2_vs_local']:.2f}x; "
           f"per-scoring overhead of Ray (1 actor vs in-process, 1 thread): {100 * summary['overhead_per_scoring']:+.1f} % "
           f"({over['ray_1_s'] * 1e3:.1f} ms vs {over['local_1t_s'] * 1e3:.1f} ms, medians of {args.repeats})")
     return 0
