@@ -71,7 +71,10 @@ def _draw_weights(n: int, groups: np.ndarray | None, resamples: int, rng: np.ran
     done = 0
     while done < resamples:
         take = min(per_block, resamples - done)
-        counts = rng.multinomial(count, np.full(count, 1.0 / count), size=take)
+        # count draws with replacement per resample, tallied per unit: the multinomial counts, drawn
+        # as integers and bincounted (rng.multinomial over 10,000 units took 3 s for 2,000 draws).
+        draws = rng.integers(0, count, size=(take, count)) + (np.arange(take) * count)[:, None]
+        counts = np.bincount(draws.reshape(-1), minlength=take * count).reshape(take, count)
         yield counts[:, index].astype(np.float64)
         done += take
 
