@@ -206,16 +206,22 @@ def npz_bytes(npz: np.lib.npyio.NpzFile) -> int:
     return total
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None when unknown."""
+def proc_kib_field(path: str, field: str) -> int | None:
+    """Bytes of a ``FIELD:  N kB`` line of a Linux /proc file (``/proc/meminfo``, ``/proc/self/status``),
+    or None when the file or the field is not there."""
     try:
-        with open("/proc/meminfo") as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None when unknown."""
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def _check_fits_in_memory(path: Path, npz: np.lib.npyio.NpzFile) -> None:

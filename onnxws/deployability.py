@@ -67,7 +67,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from onnxws.data import EvalData, available_memory, fixed_batch, plan_batches
+from onnxws.data import EvalData, available_memory, fixed_batch, plan_batches, proc_kib_field
 from onnxws.errors import one_line
 from onnxws.loading import save_model_atomic
 from onnxws.proto import graphs, model_weight_bytes, nested_nodes, tensors
@@ -197,14 +197,7 @@ def _reset_peak() -> bool:
 
 def _peak_bytes() -> int | None:
     """The process's resident high-water mark (VmHWM in ``/proc/self/status``)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return proc_kib_field("/proc/self/status", "VmHWM")
 
 
 def _max_rss_bytes() -> int | None:

@@ -24,6 +24,7 @@ order, so the search and its answer do not depend on the executor.
 from __future__ import annotations
 
 import multiprocessing
+from abc import ABC, abstractmethod
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -130,7 +131,7 @@ def _measure_in_worker(candidate: Candidate, subset: str, n_search: int | None) 
     return _worker.measure(candidate, subset, n_search)
 
 
-class WorkerExecutor:
+class WorkerExecutor(ABC):
     """Measures candidates on ``jobs`` workers, each with its own measurer, in submission order.
 
     A candidate that changes one weight goes to worker ``crc32(name) % jobs`` (so that worker's
@@ -151,14 +152,17 @@ class WorkerExecutor:
     def grow_search(self, n: int) -> None:
         self._n_search = n
 
+    @abstractmethod
     def _submit(self, worker: int, candidate: Candidate, subset: str, n_search: int | None) -> Any:
-        raise NotImplementedError
+        """Send ``candidate`` to ``worker``; a handle to its measurement."""
 
+    @abstractmethod
     def _result(self, worker: int, handle: Any) -> Measurement:
-        raise NotImplementedError
+        """Wait for the measurement behind ``handle`` (``worker``'s)."""
 
+    @abstractmethod
     def _cancel(self, handle: Any) -> None:
-        raise NotImplementedError
+        """Drop a submitted candidate that has not started (no error if it has)."""
 
     def _worker_for(self, candidate: Candidate) -> int:
         if len(candidate) == 1:
