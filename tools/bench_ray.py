@@ -21,6 +21,11 @@ overhead of Ray: one candidate measured ``--repeats`` times in-process with one 
 the one-actor executor (medians). Every run's scores are checked equal to the ``local-1t`` ones.
 Writes ``OUT/bench_ray.json`` and prints a Markdown table. Needs the ``ray`` CLI of the running
 Python's environment (``pip install "onnxws[ray]"``).
+
+With ``--batch MODELS`` (comma-separated zoo names, ``lenet5`` for the shipped model) it measures a
+model-zoo batch instead: ``onnxws batch`` over those models (``--loss 1``, ``--search-samples``,
+no cache) run locally with ``--jobs 1``, then with ``--jobs 2 --ray`` on the one-node and the
+two-node cluster; each model's output ONNX is checked byte-identical to the local run's.
 """
 
 from __future__ import annotations
@@ -77,6 +82,69 @@ def timed_scores(scorer: Scorer, candidates: list[dict]) -> tuple[float, list]:
     return time.perf_counter() - t0, scores
 
 
+def _start_cluster(nodes: int) -> None:
+    """This benchmark's own cluster on one machine: a head with 1 CPU, plus a second 1-CPU node."""
+    # No usage stats, and no token authentication (Ray 2.60's nodes started by `ray start`
+    # otherwise refuse each other here).
+    os.environ.update(RAY_DISABLE_USAGE_STATS="1", RAY_AUTH_MODE="disabled")
+    if nodes == 1:
+        ray_cli("start", "--head", "--num-cpus", "1", "--port", str(PORT), "--include-dashboard", "false")
+    else:
+        ray_cli("start", "--address", f"127.0.0.1:{PORT}", "--num-cpus", "1")
+
+
+def batch_benchmark(models: list[str], args: argparse.Namespace) -> int:
+    """A zoo batch locally (--jobs 1) and with --jobs 2 on a one-node and a two-node Ray cluster."""
+    import hashlib
+
+    from onnxws.batch import run_batch
+
+    source = args.out / "batch-models"
+    source.mkdir(parents=True, exist_ok=True)
+    lines = ["[defaults]", "loss = 1.0", f"search_samples = {args.search_samples}", ""]
+    for name in models:
+        model_path, data_path = ((ROOT / "models" / "lenet5" / "model.onnx", ROOT / "models" / "lenet5" / "eval.npz")
+                                 if name == "lenet5" else (args.zoo / f"{name}.onnx", args.zoo / f"{name}.npz"))
+        meta = {} if name == "lenet5" else json.loads((args.zoo / f"{name}.json").read_text())
+        lines += ["[[model]]", f'path = "{model_path.resolve()}"', f'data = "{data_path.resolve()}"']
+        if meta.get("metric_spec"):
+            lines.append(f'metric = "{meta["metric_spec"]}"')
+        lines.append("")
+    manifest = source / "batch.toml"
+    manifest.write_text("\n".join(lines))
+
+    def run(label: str, jobs: int, ray: str | None) -> dict:
+        out = args.out / f"batch-{label}"
+        t0 = time.perf_counter()
+        rows = run_batch(manifest, out, {}, jobs=jobs, ray=ray, force=True)
+        seconds = time.perf_counter() - t0
+        digests = {r.model: hashlib.sha256((out / f"{r.model}.ws.onnx").read_bytes()).hexdigest()
+                   for r in rows if r.status == "ok"}
+        return {"seconds": seconds, "statuses": {r.model: r.status for r in rows},
+                "model_seconds": {r.model: r.seconds for r in rows}, "sha256": digests}
+
+    results = {"local": run("local", 1, None)}
+    try:
+        for label, nodes in (("ray-1", 1), ("ray-2", 2)):
+            _start_cluster(nodes)
+            results[label] = run(label, 2, f"127.0.0.1:{PORT}")
+            results[label]["same_bytes_as_local"] = results[label]["sha256"] == results["local"]["sha256"]
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    summary = {"models": models, "search_samples": args.search_samples,
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+               "results": results, "speedup_ray2_vs_ray1": results["ray-1"]["seconds"] / results["ray-2"]["seconds"],
+               "speedup_ray2_vs_local": results["local"]["seconds"] / results["ray-2"]["seconds"]}
+    (args.out / "bench_ray_batch.json").write_text(json.dumps(summary, indent=2))
+    print("| run | batch of " + ", ".join(models) + " (s) | per model (s) | same bytes as local |")
+    print("|---|---|---|---|")
+    for label, row in results.items():
+        per_model = ", ".join(f"{m} {v:.1f}" for m, v in row["model_seconds"].items() if v is not None)
+        print(f"| {label} | {row['seconds']:.1f} | {per_model} | {row.get('same_bytes_as_local', True)} |")
+    print(f"\nray-2 vs ray-1: {summary['speedup_ray2_vs_ray1']:.2f}x; ray-2 vs local: {summary['speedup_ray2_vs_local']:.2f}x")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", type=Path, default=None)
@@ -85,8 +153,11 @@ def main() -> int:
     parser.add_argument("--search-samples", type=int, default=250)
     parser.add_argument("--tensors", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", default="", help="comma-separated models: measure a zoo batch instead (module docstring)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.batch:
+        return batch_benchmark([m.strip() for m in args.batch.split(",") if m.strip()], args)
 
     model, arrays = load(args.model, args.zoo)
     data = load_data(arrays, model)
@@ -119,14 +190,9 @@ def main() -> int:
         one.measure(candidates[-1])
         local_measure.append(time.perf_counter() - t0)
 
-    # This benchmark's own two-node cluster on one machine: no usage stats, and no token
-    # authentication (Ray 2.60's nodes started by `ray start` otherwise refuse each other here).
-    os.environ.update(RAY_DISABLE_USAGE_STATS="1", RAY_AUTH_MODE="disabled")
     try:
-        ray_cli("start", "--head", "--num-cpus", "1", "--port", str(PORT), "--include-dashboard", "false")
         for label, nodes in (("ray-1", 1), ("ray-2", 2)):
-            if nodes == 2:
-                ray_cli("start", "--address", f"127.0.0.1:{PORT}", "--num-cpus", "1")
+            _start_cluster(nodes)
             cluster = Cluster(f"127.0.0.1:{PORT}")
             driver = scorer(1)
             t0 = time.perf_counter()

@@ -102,13 +102,40 @@ def onnxws_python(command: list[str]) -> str:
     return str(beside) if command[0].endswith("onnxws") and beside.exists() else sys.executable
 
 
-def reference_text(out: Path, name: str) -> str:
-    """``fp16 0.80 / int8 13.10 / int4 94.00`` from ``OUT/<name>.reference.json``, or ``-``."""
+def reference_formats(out: Path, name: str) -> dict:
+    """``{format: {"value", "loss_pp", "ratio"}}`` from ``OUT/<name>.reference.json`` (empty when absent)."""
     path = out / f"{name}.reference.json"
-    if not path.exists():
+    return json.loads(path.read_text()).get("formats", {}) if path.exists() else {}
+
+
+def reference_text(out: Path, name: str) -> str:
+    """``fp16 0.80 / int8 13.10 / int4 94.00 / k-means 1.20 (5.31x)`` from ``OUT/<name>.reference.json``, or ``-``."""
+    formats = reference_formats(out, name)
+    if not formats:
         return "-"
-    formats = json.loads(path.read_text()).get("formats", {})
-    return " / ".join(f"{fmt.split()[0]} {v['loss_pp']:.2f}" for fmt, v in formats.items())
+    return " / ".join(f"{fmt.split()[0]} {v['loss_pp']:.2f}" + (f" ({v['ratio']:.2f}x)" if fmt.startswith("k-means") else "")
+                      for fmt, v in formats.items())
+
+
+def _interval(part: dict | None) -> str:
+    """``0.55 [0.20, 0.95]`` from a report's ``final.holdout`` / ``final.whole`` entry, or ``-``."""
+    if not isinstance(part, dict) or not isinstance(part.get("loss"), (int, float)):
+        return "-"
+    low, high = part.get("interval") or (None, None)
+    return f"{part['loss']:.2f} [{low:.2f}, {high:.2f}]" if isinstance(low, (int, float)) else f"{part['loss']:.2f}"
+
+
+def _resolution(final: dict) -> str:
+    value = final.get("resolution")
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
+
+
+def kmeans_comparison(out: Path, name: str, whole_ratio: float | None) -> str:
+    """The whole-model CR against the uniform 6-bit k-means codebook's (``1.42x of 5.31x``), or ``-``."""
+    kmeans = next((v for f, v in reference_formats(out, name).items() if f.startswith("k-means")), None)
+    if kmeans is None or not whole_ratio:
+        return "-"
+    return f"{whole_ratio / kmeans['ratio']:.2f} (6-bit k-means: {kmeans['ratio']:.2f}x at {kmeans['loss_pp']:.2f} pp)"
 
 
 def _pct(value: float | None) -> str:
@@ -131,8 +158,9 @@ def failures(out: Path) -> dict[str, str]:
 def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dict[str, object]) -> str:
     """The Markdown results table for ``models`` from their reports under ``out``."""
     head = ("| model | params | metric (search / full samples) | baseline | final | loss | CR per-layer | CR best uniform k "
-            "| per-layer / uniform | CR whole model | file ratio | scorings run / cached | seconds per stage "
-            "| loss of fp16 / int8 / int4 per-channel (2x / 4x / 8x), pp |")
+            "| per-layer / uniform | CR whole model | whole / 6-bit k-means | file ratio | loss held out [95%] "
+            "| loss whole set [95%] | resolution | scorings run / cached | seconds per stage "
+            "| loss of fp16 / int8 / int4 per-channel (2x / 4x / 8x) / k-means 6-bit per tensor, pp |")
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
     errors = failures(out)
     for name, meta in models:
@@ -143,7 +171,7 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
         params = f"{meta.get('params', 0):,}"
         if not report_path.exists():
             why = errors.get(name, "not run (no report)").replace("|", "/").replace("\n", " ")
-            rows.append(f"| {name} | {params} | | failed: {why[:160]} | | | | | | | | | | {reference_text(out, name)} |")
+            rows.append(f"| {name} | {params} | | failed: {why[:160]} |" + " |" * 13 + f" {reference_text(out, name)} |")
             continue
         r = json.loads(report_path.read_text())
         comp, expl, final = r.get("compression", {}), r.get("exploration", {}), r.get("final", {})
@@ -170,7 +198,9 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
             stages += f" (stopped by {expl['stopped_by']})"
         rows.append(f"| {name} | {params} | {metric} | {_pct(r.get('baseline', {}).get('value'))} | "
                     f"{_pct(final.get('value'))} | {loss} | {_ratio(per_layer)} | {uniform_text} | {gain} | "
-                    f"{_ratio(comp.get('ratio_whole_theoretical'))} | {_ratio(comp.get('ratio_file'))} | {expl.get('scorings_run', '-')} / {expl.get('scorings_cached', '-')} | "
+                    f"{_ratio(comp.get('ratio_whole_theoretical'))} | {kmeans_comparison(out, name, comp.get('ratio_whole_theoretical'))} | "
+                    f"{_ratio(comp.get('ratio_file'))} | {_interval(final.get('holdout'))} | {_interval(final.get('whole'))} | "
+                    f"{_resolution(final)} | {expl.get('scorings_run', '-')} / {expl.get('scorings_cached', '-')} | "
                     f"{stages} | {reference_text(out, name)} |")
     when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     machine = (f"{platform.node() or 'unknown host'}: {platform.platform()}, {platform.processor() or platform.machine()}, "
@@ -182,10 +212,13 @@ def table(out: Path, models: list[tuple[str, dict]], command: str, defaults: dic
             "CR = compression ratio of the shared weight tensors (theoretical: indices + codebooks vs fp32); "
             "CR whole model counts the unshared tensors at full size; "
             "file ratio = .onnx bytes before / after; scorings cached = answered by the score cache of an earlier run. Loss in percentage points (pp) of the metric; "
-            "top1_agreement = top-1 agreement with the uncompressed model (data without labels). "
+            "expected_accuracy (the default without labels) = the uncompressed model's probability of the compressed model's "
+            "top-1 class (docs/metric.md); top1_agreement = top-1 agreement with the uncompressed model. "
             "Last column: loss on the full set when every shareable weight is stored as fp16, or as symmetric "
-            "linear int8 / int4 with one scale per output channel (tools/zoo_reference.py): the loss that the "
-            "evaluation set charges for standard formats of 2x, 4x and 8x.\n\n"
+            "linear int8 / int4 with one scale per output channel, or as one 64-value k-means codebook per tensor "
+            "(tools/zoo_reference.py): the loss that the evaluation set charges for standard formats of 2x, 4x, 8x "
+            "and ~5.3x. Held-out / whole-set losses with their 95% intervals; resolution = the interval's half-width "
+            "for a zero-change candidate (report.json `final`).\n\n"
             + "\n".join(rows) + "\n")
 
 

@@ -12,6 +12,9 @@ model with every shareable weight replaced by
 - ``int8 per-channel``: symmetric linear int8 with one scale per output channel (the usual
   deployment format; 4x);
 - ``int4 per-channel``: the same with 4 bits (8x);
+- ``k-means 6-bit per-tensor``: one codebook of 64 values per tensor, each weight its nearest
+  value (optimal 1-D k-means, ``onnxws.clustering``; no refinement, no bias correction: Core ML's
+  per-tensor 6-bit palettization). Its ratio counts the codebooks (32 bits per value).
 
 and writes ``OUT/<name>.reference.json`` (``{format: {"value", "loss_pp", "ratio"}}``), which
 ``tools/bench_zoo.py`` shows beside the onnxws results. Nothing here is used by onnxws itself.
@@ -32,11 +35,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the zoo's metric modules (tools.zoo.*) import from the root
 
 from onnxws.config import CompressConfig  # noqa: E402
+from onnxws.clustering import share_weight  # noqa: E402
 from onnxws.data import load_data  # noqa: E402
 from onnxws.discovery import WeightInfo, find_weights  # noqa: E402
 from onnxws.loading import load_model  # noqa: E402
 from onnxws.metrics import resolve_metric  # noqa: E402
 from onnxws.scoring import Scorer  # noqa: E402
+
+
+def kmeans_per_tensor(bits: int) -> Callable[[np.ndarray, WeightInfo], np.ndarray]:
+    """Every value replaced by its nearest of the ``2**bits`` optimal 1-D k-means centroids of its tensor."""
+
+    def share(values: np.ndarray, info: WeightInfo) -> np.ndarray:
+        return share_weight(info.name, values, 2 ** bits).decode().astype(values.dtype)
+
+    return share
 
 
 def fp16(values: np.ndarray, info: WeightInfo) -> np.ndarray:
@@ -63,7 +76,9 @@ FORMATS: dict[str, tuple[Callable[[np.ndarray, WeightInfo], np.ndarray], float]]
     "fp16": (fp16, 2.0),
     "int8 per-channel": (linear_per_channel(8), 4.0),
     "int4 per-channel": (linear_per_channel(4), 8.0),
+    "k-means 6-bit per-tensor": (kmeans_per_tensor(6), 32 / 6),  # nominal; the result's ratio counts the codebooks
 }
+CODEBOOK_BITS = {"k-means 6-bit per-tensor": (6, 64)}  # index bits, values per tensor
 
 
 def reference(model_path: Path, data_path: Path, metric_spec: str | None) -> dict:
@@ -82,6 +97,10 @@ def reference(model_path: Path, data_path: Path, metric_spec: str | None) -> dic
             t0 = time.perf_counter()
             candidate = {w.name: transform(originals[w.name], w) for w in weights}
             value = scorer.score([candidate], subset="full")[0]
+            if name in CODEBOOK_BITS:
+                bits, k = CODEBOOK_BITS[name]
+                params = sum(w.params for w in weights)
+                ratio = 32 * params / (bits * params + 32 * k * len(weights))
             result["formats"][name] = {"value": value, "loss_pp": 100 * (baseline - value), "ratio": ratio,
                                        "seconds": round(time.perf_counter() - t0, 1)}
     return result
