@@ -96,9 +96,10 @@ class Candidates:
 
     def evaluator(self, scorer: Scorer) -> Callable[..., list[tuple]]:
         """The search context's evaluator: tuples scored by ``scorer`` (value, divergence, spread);
-        ``stop`` is called between the batches of each scoring (an interruptible ``SearchContext``)."""
-        return lambda tuples, subset, stop=None: scorer.score_with_divergence(self.lazily(tuples), subset,
-                                                                              spread=True, stop=stop)
+        ``stop`` is called between the batches of each scoring (an interruptible ``SearchContext``);
+        with ``reject_below`` a scoring may stop early with a ``Rejected`` (``rejects_early``)."""
+        return lambda tuples, subset, stop=None, reject_below=None: scorer.score_with_divergence(
+            self.lazily(tuples), subset, spread=True, stop=stop, reject_below=reject_below)
 
     def variant_scorer(self, scorer: Scorer) -> Callable[[list[tuple[str, str, int]]], list[tuple]]:
         """The layer stage's scorer of (tensor, granularity, k) requests (search subset)."""

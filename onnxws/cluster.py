@@ -140,8 +140,9 @@ class RayExecutor(WorkerExecutor):
         self._shipped = ray.put(build)
         self._actors = [actor.remote([self._shipped]) for _ in range(jobs)]
 
-    def _submit(self, worker: int, candidate: Candidate, subset: str, n_search: int | None) -> Any:
-        return self._actors[worker].measure.remote(dict(candidate), subset, n_search)
+    def _submit(self, worker: int, candidate: Candidate, subset: str, n_search: int | None,
+                reject_below: float | None) -> Any:
+        return self._actors[worker].measure.remote(dict(candidate), subset, n_search, reject_below)
 
     def _result(self, worker: int, handle: Any) -> Measurement:
         exceptions = self._ray.exceptions

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,10 +169,12 @@ class SessionEngine:
         self.last_create_s = time.perf_counter() - t0
         return sess, values
 
-    def run(self, weights: Mapping[str, np.ndarray], batches: Iterable[Batch]) -> list[list[np.ndarray]]:
+    def run(self, weights: Mapping[str, np.ndarray], batches: Iterable[Batch]) -> Iterator[list[np.ndarray]]:
+        """The outputs of each batch, run as it is drawn (a caller may stop between batches)."""
         sess, values = self.session(weights)
         try:
-            return [sess.run(None, feeds) for feeds, _ in batches]
+            for feeds, _ in batches:
+                yield sess.run(None, feeds)
         finally:
             del sess, values
 
@@ -205,10 +207,12 @@ class InputsEngine:
         self._names = list(prepared.weights)
         self._device = device
 
-    def run(self, weights: Mapping[str, np.ndarray], batches: Iterable[Batch]) -> list[list[np.ndarray]]:
+    def run(self, weights: Mapping[str, np.ndarray], batches: Iterable[Batch]) -> Iterator[list[np.ndarray]]:
+        """The outputs of each batch, run as it is drawn (a caller may stop between batches)."""
         # Weights go in as OrtValues on the device once per candidate, not once per batch.
         values = {n: ortvalue(weights[n], self._device) for n in self._names}
-        return [self._sess.run(None, {**feeds, **values}) for feeds, _ in batches]
+        for feeds, _ in batches:
+            yield self._sess.run(None, {**feeds, **values})
 
     def close(self) -> None:
         self._sess = None  # type: ignore[assignment]

@@ -47,12 +47,19 @@ class Measurement(NamedTuple):
         spread: mean squared per-sample change of the metric's outcomes, or None (a metric
             without per-sample outcomes).
         suffix: it ran as a suffix run (only the nodes downstream of its one changed weight).
+        complete: it ran on every sample of the subset. False: it was stopped early because its
+            metric could no longer reach the caller's ``reject_below`` whatever the remaining
+            samples give; ``value`` is then the most it could still have reached (an upper
+            bound, below ``reject_below``), ``divergence`` NaN and ``spread`` None.
+        samples: samples run before an early stop (0 when ``complete``).
     """
 
     value: float
     divergence: float
     spread: float | None
     suffix: bool = False
+    complete: bool = True
+    samples: int = 0
 
 
 class Executor(Protocol):
@@ -61,7 +68,8 @@ class Executor(Protocol):
     name: str
     jobs: int  # candidates it measures side by side
 
-    def measure(self, candidates: Iterable[Candidate], subset: str) -> Iterator[Measurement]: ...
+    def measure(self, candidates: Iterable[Candidate], subset: str,
+                reject_below: float | None = None) -> Iterator[Measurement]: ...
 
     def grow_search(self, n: int) -> None:
         """The scorer's search subset is now its first ``n`` samples (``Scorer.grow_search``)."""
@@ -72,23 +80,24 @@ class Executor(Protocol):
 class Measurer(Protocol):
     """What a worker builds once and measures candidates with (a ``Scorer`` without a cache)."""
 
-    def measure(self, candidate: Candidate, subset: str) -> Measurement: ...
+    def measure(self, candidate: Candidate, subset: str, reject_below: float | None = None) -> Measurement: ...
 
     def grow_search(self, n: int) -> None: ...
 
 
 class LocalExecutor:
-    """In-process: each candidate measured by ``measure(candidate, subset)`` as it is drawn."""
+    """In-process: each candidate measured by ``measure(candidate, subset, reject_below)`` as it is drawn."""
 
     name = "local"
     jobs = 1
 
-    def __init__(self, measure: Callable[[Candidate, str], Measurement]) -> None:
+    def __init__(self, measure: Callable[[Candidate, str, float | None], Measurement]) -> None:
         self._measure = measure
 
-    def measure(self, candidates: Iterable[Candidate], subset: str) -> Iterator[Measurement]:
+    def measure(self, candidates: Iterable[Candidate], subset: str,
+                reject_below: float | None = None) -> Iterator[Measurement]:
         for candidate in candidates:
-            yield self._measure(candidate, subset)
+            yield self._measure(candidate, subset, reject_below)
             del candidate  # before the generator decodes the next one
 
     def grow_search(self, n: int) -> None:
@@ -111,11 +120,12 @@ class WorkerMeasurer:
         self._measurer = build()
         self._grown_to: int | None = None
 
-    def measure(self, candidate: Candidate, subset: str, n_search: int | None) -> Measurement:
+    def measure(self, candidate: Candidate, subset: str, n_search: int | None,
+                reject_below: float | None = None) -> Measurement:
         if n_search is not None and n_search != self._grown_to:
             self._measurer.grow_search(n_search)
             self._grown_to = n_search
-        return self._measurer.measure(candidate, subset)
+        return self._measurer.measure(candidate, subset, reject_below)
 
 
 _worker: WorkerMeasurer | None = None  # a pool worker process's measurer (set by _start_worker)
@@ -126,9 +136,10 @@ def _start_worker(build: Callable[[], Measurer]) -> None:
     _worker = WorkerMeasurer(build)
 
 
-def _measure_in_worker(candidate: Candidate, subset: str, n_search: int | None) -> Measurement:
+def _measure_in_worker(candidate: Candidate, subset: str, n_search: int | None,
+                       reject_below: float | None) -> Measurement:
     assert _worker is not None, "worker not started"
-    return _worker.measure(candidate, subset, n_search)
+    return _worker.measure(candidate, subset, n_search, reject_below)
 
 
 class WorkerExecutor(ABC):
@@ -153,7 +164,8 @@ class WorkerExecutor(ABC):
         self._n_search = n
 
     @abstractmethod
-    def _submit(self, worker: int, candidate: Candidate, subset: str, n_search: int | None) -> Any:
+    def _submit(self, worker: int, candidate: Candidate, subset: str, n_search: int | None,
+                reject_below: float | None) -> Any:
         """Send ``candidate`` to ``worker``; a handle to its measurement."""
 
     @abstractmethod
@@ -169,7 +181,8 @@ class WorkerExecutor(ABC):
             return zlib.crc32(next(iter(candidate)).encode()) % self.jobs
         return min(range(self.jobs), key=lambda i: (self._outstanding[i], i))
 
-    def measure(self, candidates: Iterable[Candidate], subset: str) -> Iterator[Measurement]:
+    def measure(self, candidates: Iterable[Candidate], subset: str,
+                reject_below: float | None = None) -> Iterator[Measurement]:
         pending: deque[tuple[int, Any]] = deque()
         limit = self.jobs * (1 + self._ahead)
         source = iter(candidates)
@@ -183,7 +196,7 @@ class WorkerExecutor(ABC):
                         exhausted = True
                         break
                     worker = self._worker_for(candidate)
-                    pending.append((worker, self._submit(worker, candidate, subset, self._n_search)))
+                    pending.append((worker, self._submit(worker, candidate, subset, self._n_search, reject_below)))
                     self._outstanding[worker] += 1
                     del candidate
                 if not pending:
@@ -216,8 +229,9 @@ class PoolExecutor(WorkerExecutor):
         self._workers = [ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_worker,
                                              initargs=(build,)) for _ in range(jobs)]
 
-    def _submit(self, worker: int, candidate: Candidate, subset: str, n_search: int | None) -> Future:
-        return self._workers[worker].submit(_measure_in_worker, dict(candidate), subset, n_search)
+    def _submit(self, worker: int, candidate: Candidate, subset: str, n_search: int | None,
+                reject_below: float | None) -> Future:
+        return self._workers[worker].submit(_measure_in_worker, dict(candidate), subset, n_search, reject_below)
 
     def _result(self, worker: int, handle: Future) -> Measurement:
         try:

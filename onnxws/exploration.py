@@ -18,6 +18,24 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 Tuple_ = dict[str, int]  # tensor name -> k
+MARGIN = 1e-6
+"""Loss (budget unit) by which a scoring stopped early must be past its threshold: float sums
+over samples in another order never turn a rejection into an acceptance."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """What an evaluator returns for a candidate whose scoring it stopped early (``reject_below``):
+    its metric is at most ``value_at_most``, below the caller's threshold whatever the samples
+    not run would have given.
+
+    Attributes:
+        value_at_most: the highest metric the candidate could still have reached (fraction).
+        samples: samples run before the stop.
+    """
+
+    value_at_most: float
+    samples: int
 
 
 def loss_between(baseline: float, value: float, mode: str) -> float:
@@ -77,7 +95,7 @@ class Layer:
     options: list[Option]
     loss_alone: dict[int, float] = field(default_factory=dict)  # k -> measured loss of this layer alone
     divergence_alone: dict[int, float] = field(default_factory=dict)  # k -> output divergence, this layer alone
-    loss_source: dict[int, str] = field(default_factory=dict)  # k -> "measured" | "proxy"
+    loss_source: dict[int, str] = field(default_factory=dict)  # k -> "measured" | "proxy" | "lower_bound"
     candidates: list[int] = field(default_factory=list)  # Pareto-efficient k kept for the network stage
 
     def measured_losses(self) -> dict[int, float]:
@@ -137,6 +155,9 @@ class SearchContext:
             batches of a scoring and that raises ``BudgetExhausted`` once the time budget is
             spent: a scoring in progress then stops there instead of running to its end. The
             forced scorings (final verification) are never stopped.
+        rejects_early: ``evaluate`` takes a keyword ``reject_below`` (a metric value) and may then
+            return a ``Rejected`` for a tuple whose metric is certainly below it before its
+            scoring ends (``losses(reject_above=...)``); without it every scoring runs to its end.
     """
 
     def __init__(
@@ -153,11 +174,13 @@ class SearchContext:
         clock: Callable[[], float] = time.monotonic,
         start: float | None = None,
         interruptible: bool = False,
+        rejects_early: bool = False,
     ) -> None:
         self.layers = list(layers)
         self.by_name = {layer.name: layer for layer in self.layers}
         self._evaluate = evaluate
         self._interruptible = interruptible
+        self._rejects_early = rejects_early
         self.baseline = dict(baseline)
         self.budget = budget
         # The loss the search aims at on the search subset; the pipeline tightens it when
@@ -176,6 +199,9 @@ class SearchContext:
         self._memo: dict[tuple[str, tuple[tuple[str, int], ...]], float] = {}
         self._divergence: dict[tuple[str, tuple[tuple[str, int], ...]], float] = {}
         self._spread: dict[tuple[str, tuple[tuple[str, int], ...]], float] = {}
+        # Tuples rejected by a scoring stopped early: the least loss they can have (budget unit).
+        self._lower_bounds: dict[tuple[str, tuple[tuple[str, int], ...]], float] = {}
+        self.stopped_early = 0  # scorings stopped early (part of ``scorings``)
         self.total_full_bits = sum(layer.full_bits for layer in self.layers)
 
     def new_search_subset(self, baseline: float, label: str) -> None:
@@ -184,7 +210,7 @@ class SearchContext:
         log keeps those entries with ``subset`` relabelled ``label``; full-set measurements stay."""
         self.baseline["search"] = baseline
         self.target = self.budget
-        for store in (self._memo, self._divergence, self._spread):
+        for store in (self._memo, self._divergence, self._spread, self._lower_bounds):
             for key in [key for key in store if key[0] == "search"]:
                 del store[key]
         for entry in self.explored:
@@ -256,6 +282,11 @@ class SearchContext:
         """Whether the evaluator reports output divergences (every scoring so far had one)."""
         return bool(self._divergence) and len(self._divergence) == len(self._memo)
 
+    def lower_bound(self, tup: Mapping[str, int], subset: str = "search") -> float | None:
+        """The least loss of a tuple whose scoring was stopped early (``losses(reject_above=)``),
+        or None (not scored, or scored to the end)."""
+        return self._lower_bounds.get((subset, self.key(tup)))
+
     def losses(
         self,
         tuples: Sequence[Mapping[str, int]],
@@ -264,29 +295,48 @@ class SearchContext:
         predicted: Sequence[float | None] | None = None,
         *,
         force: bool = False,
+        reject_above: float | None = None,
     ) -> list[float]:
         """Measured losses of tuples (budget unit). Repeats within the run are free.
+
+        ``reject_above``: the caller only needs to know that a tuple loses more than this. The
+        evaluator may then stop a scoring once its loss is certainly above it (by ``MARGIN``),
+        whatever the samples not run give; such a tuple's entry is the least loss it can have
+        (``lower_bound``), above ``reject_above``, and it is not ``known``. An evaluator that
+        cannot bound its metric scores to the end.
 
         Raises BudgetExhausted (before scoring anything) if the batch would break a budget,
         unless ``force`` (used by the final verification, which must happen).
         """
-        todo = [dict(t) for t in tuples if (subset, self.key(t)) not in self._memo]
+        def settled(key: tuple) -> bool:
+            bound = self._lower_bounds.get((subset, key))
+            return (subset, key) in self._memo or (reject_above is not None and bound is not None and bound > reject_above)
+
         unique: dict[tuple, dict] = {}
-        for tup in todo:
-            unique.setdefault(self.key(tup), tup)
+        for t in tuples:
+            if not settled(self.key(t)):
+                unique.setdefault(self.key(t), dict(t))
         if unique:
             if not force:
                 self.check_budget(len(unique))
+            options: dict[str, object] = {}
             if self._interruptible and not force and self.time_budget is not None:
-                values = self._evaluate(list(unique.values()), subset, stop=self.check_time)
-            else:
-                values = self._evaluate(list(unique.values()), subset)
+                options["stop"] = self.check_time
+            if reject_above is not None and self._rejects_early:
+                options["reject_below"] = value_after_loss(self.baseline[subset], reject_above + MARGIN, self.loss_mode)
+            values = self._evaluate(list(unique.values()), subset, **options)
             predicted_by_key = {}
             if predicted is not None:
                 predicted_by_key = {self.key(t): p for t, p in zip(tuples, predicted)}
             for (key, tup), value in zip(unique.items(), values):
-                self.record(tup, value, subset, stage, predicted_by_key.get(key))
-        return [self._memo[(subset, self.key(t))] for t in tuples]
+                if isinstance(value, Rejected):
+                    self.count(stage)
+                    self.stopped_early += 1
+                    self._lower_bounds[(subset, key)] = loss_between(self.baseline[subset], value.value_at_most,
+                                                                     self.loss_mode)
+                else:
+                    self.record(tup, value, subset, stage, predicted_by_key.get(key))
+        return [self._memo.get((subset, self.key(t)), self._lower_bounds.get((subset, self.key(t)))) for t in tuples]
 
     def count(self, stage: str, n: int = 1) -> None:
         """Count ``n`` scorings a stage did outside the search space's tuples."""

@@ -197,9 +197,11 @@ def layer_sensitivity(ctx: SearchContext, settings: LayerSearchSettings = LayerS
                 chunk = requests[start:start + ROUND_CHUNK]
                 if round_index > 1:
                     _check_share(ctx, settings.budget_share, len(chunk))
-                losses = ctx.losses([tup for _, _, tup in chunk], "search", stage="layer")
+                # A width past the cap ends its walk whatever its exact loss: its scoring may stop early.
+                losses = ctx.losses([tup for _, _, tup in chunk], "search", stage="layer", reject_above=cap)
                 for (walk, pos, tup), loss in zip(chunk, losses):
-                    _advance(walk, pos, tup, loss, ctx.divergence(tup), cap, negligible)
+                    _advance(walk, pos, tup, loss, ctx.divergence(tup), cap, negligible,
+                             bounded=ctx.lower_bound(tup) is not None)
             active = [w for w in active if w.next_index() is not None]
     except BudgetExhausted:
         logger.info("layer stage stopped by %s", ctx.stopped_by)
@@ -224,12 +226,13 @@ def _earlier_edge(layer: Layer, order: list[int], losses: Mapping[int, float] | 
 
 
 def _advance(walk: _Walk, pos: int, tup: dict[str, int], loss: float, divergence: float | None,
-             cap: float, negligible: float) -> None:
-    """Record a layer-alone measurement and move the layer's walk to its next width (or end it)."""
+             cap: float, negligible: float, bounded: bool = False) -> None:
+    """Record a layer-alone measurement (``bounded``: the least loss of a scoring stopped early,
+    above the cap) and move the layer's walk to its next width (or end it)."""
     layer = walk.layer
     k = tup[layer.name]
     layer.loss_alone[k] = loss
-    layer.loss_source[k] = "measured"
+    layer.loss_source[k] = "lower_bound" if bounded else "measured"
     if divergence is not None:
         layer.divergence_alone[k] = divergence
     if walk.down is not None:  # walking down from the probe

@@ -30,6 +30,7 @@ actor can receive them when scoring is scaled out.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 import functools
 import hashlib
 import importlib
@@ -93,6 +94,13 @@ class Metric:
         """``outcomes(outputs, data)``: per-sample outcomes whose mean is the metric (built-in
         top-1 metrics), or None (a custom metric is one number per evaluation)."""
         return getattr(self.fn, "outcomes", None)
+
+    @property
+    def outcome_ceiling(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """``ceiling(baseline_outcomes)``: the highest outcome any model can reach on each sample,
+        given the unmodified model's outcomes (built-in metrics), or None (no such bound known:
+        a custom metric). A scoring that stops early relies on it never being exceeded."""
+        return getattr(self.fn, "ceiling", None)
 
     def identity(self) -> str:
         """What the score cache keys on: name, output and, for custom metrics, a hash of the code."""
@@ -197,7 +205,7 @@ def output_divergence(outputs: Sequence[np.ndarray], reference: Sequence[np.ndar
 
 
 @dataclass(frozen=True)
-class _PerSample:
+class _PerSample(ABC):
     """A metric that is the mean of per-sample outcomes (``outcomes``) read from output ``index``."""
 
     index: int
@@ -206,8 +214,13 @@ class _PerSample:
     def __call__(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> float:
         return float(np.mean(self.outcomes(outputs, data)))
 
+    @abstractmethod
     def outcomes(self, outputs: list[np.ndarray], data: dict[str, np.ndarray]) -> np.ndarray:
-        raise NotImplementedError
+        """Per-sample outcomes, one float per sample: the metric is their mean."""
+
+    def ceiling(self, baseline_outcomes: np.ndarray) -> np.ndarray:
+        """The highest outcome any model can reach per sample: 1 (a right answer, an agreement)."""
+        return np.ones_like(baseline_outcomes, dtype=np.float64)
 
 
 class Top1Accuracy(_PerSample):
@@ -288,6 +301,12 @@ class ExpectedAccuracy(_PerSample):
                              f"{len(outcomes)} samples: its probabilities, and so expected_accuracy, cannot be measured there; "
                              "check the model and the evaluation data")
         return outcomes
+
+    def ceiling(self, baseline_outcomes: np.ndarray) -> np.ndarray:
+        """The unmodified model's own outcomes: its top-1 class is the one it gives the highest
+        probability, so no other model's top-1 class gets more from it (per position, and so in
+        their mean), whichever class that model picks."""
+        return np.asarray(baseline_outcomes, dtype=np.float64)
 
     def _normaliser(self, given: np.ndarray, reference: np.ndarray) -> np.ndarray | None:
         cached = self._normalisers.get(id(given))

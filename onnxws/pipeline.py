@@ -167,7 +167,8 @@ def _compress(model: str | Path | onnx.ModelProto, data: Any, config: CompressCo
         ctx = SearchContext(candidates.layers, candidates.evaluator(scorer), baseline, config.loss, config.loss_mode,
                             time_budget=config.time_budget, max_scorings=config.max_scorings, progress=notify,
                             clock=time.perf_counter, start=t_total,  # the time budget covers the whole run
-                            interruptible=True)  # the evaluator stops a scoring in progress at the time budget
+                            interruptible=True,  # the evaluator stops a scoring in progress at the time budget
+                            rejects_early=True)  # ... and one that certainly loses more than the layer stage's cap
         with _timed(timings, "layer"):
             if candidates.variants:
                 picked = choose_granularities(ctx, candidates.variant_options(), candidates.variant_scorer(scorer))

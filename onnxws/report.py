@@ -185,6 +185,7 @@ def build_report(loaded: Loaded, scorer: Scorer, ctx: SearchContext, config: Com
             "scorings": ctx.scorings,
             "scorings_run": int(scorer.scorings_run),
             "scorings_cached": int(scorer.scorings_cached),
+            "scorings_stopped_early": int(scorer.scorings_stopped_early),
             "scorings_by_stage": dict(ctx.scorings_by_stage),
             "executor": {"name": scorer.executor.name, "jobs": scorer.executor.jobs},
             "seconds": {k: round(v, 4) for k, v in timings.items()},

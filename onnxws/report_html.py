@@ -134,7 +134,8 @@ def plot_pareto(report: dict) -> bytes:
 
 def plot_sensitivity(report: dict) -> bytes:
     """Heat map of each layer's loss when shared alone, per index width: one row per tensor, one
-    column per width; the number in a cell is the loss (``~`` marks a proxy estimate, not scored),
+    column per width; the number in a cell is the loss (``~`` marks a proxy estimate, not scored;
+    ``>`` the least loss of a scoring stopped early once it was certainly past the cap),
     colours centre on the budget (green within, red past it), the chosen width is outlined."""
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.patches import Rectangle
@@ -149,12 +150,14 @@ def plot_sensitivity(report: dict) -> bytes:
         ax.set_axis_off()
         return _png(fig)
     grid = np.full((len(layers), len(widths)), np.nan)
-    proxy = np.zeros_like(grid, dtype=bool)
+    source = np.full(grid.shape, "measured", dtype=object)
     for row, layer in enumerate(layers):
         for c in layer["candidates"]:
             if c.get("loss") is not None:
                 grid[row, widths.index(c["bits"])] = c["loss"]
-                proxy[row, widths.index(c["bits"])] = c.get("source") == "proxy"
+                source[row, widths.index(c["bits"])] = c.get("source")
+    proxy = source == "proxy"
+    marks = {"proxy": "~", "lower_bound": ">"}
     norm = TwoSlopeNorm(vmin=min(float(np.nanmin(grid)), -budget), vcenter=budget, vmax=4 * budget)
     shown = np.clip(grid, norm.vmin, norm.vmax)  # losses past 4x the budget all read as "far past it"
     image = ax.imshow(np.ma.masked_invalid(shown), cmap="RdYlGn_r", norm=norm, aspect="auto")
@@ -162,7 +165,7 @@ def plot_sensitivity(report: dict) -> bytes:
         for col, bits in enumerate(widths):
             value = grid[row, col]
             if math.isfinite(value):
-                text = ("~" if proxy[row, col] else "") + (f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}")
+                text = marks.get(source[row, col], "") + (f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}")
                 ax.text(col, row, text, ha="center", va="center", fontsize=7,
                         style="italic" if proxy[row, col] else "normal",
                         color="white" if value > 2.5 * budget else "black")
@@ -171,7 +174,8 @@ def plot_sensitivity(report: dict) -> bytes:
                                    edgecolor="#111827"))
     ax.set_xticks(range(len(widths)), [f"{b} bit\nk={2 ** b}" for b in widths], fontsize=7)
     ax.set_yticks(range(len(layers)), [_label(layer["name"][:40]) for layer in layers], fontsize=7)
-    ax.set_title(f"Loss of each layer shared alone ({_unit(report)}; outlined: chosen; ~: proxy, not scored)",
+    ax.set_title(f"Loss of each layer shared alone ({_unit(report)}; outlined: chosen; ~: proxy, not scored; "
+                 ">: at least, stopped early)",
                  fontsize=9)
     bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     bar.set_label(f"loss alone ({_unit(report)}); budget {budget:g} at the centre, >= {4 * budget:g} darkest red", fontsize=7)
@@ -401,7 +405,8 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
         ("CR whole model", f"{c['ratio_whole_theoretical']:.2f}×", "theoretical, unshared tensors at full size"),
         ("File ratio", f"{c['ratio_file']:.2f}×", f"{_bytes(c['bytes_before'])} → {_bytes(c['bytes_after'])}"),
         ("Packing efficiency", f"{c['packing_efficiency']:.3f}", f"graph overhead {_bytes(c.get('graph_overhead_bytes'))}"),
-        ("Scorings", f"{e['scorings']}", f"{e['scorings_run']} run, {e['scorings_cached']} cached"),
+        ("Scorings", f"{e['scorings']}", f"{e['scorings_run']} run ({e.get('scorings_stopped_early', 0)} stopped early "
+                                         f"once past the cap), {e['scorings_cached']} cached"),
         ("Time", f"{e['seconds'].get('total', 0):.1f} s", f"{esc(report['device'])}, stopped by {esc(e['stopped_by'])}"),
     ]
     card_html = "".join(f'<div class="card"><div class="label">{esc(l)}</div><div class="value">{v}</div>'

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from onnxws.engines import (Cut, InputsEngine, Prepared, SessionEngine, plan_cut
                             suffix_model)
 from onnxws.errors import InputError, OnnxwsError, ScoringError, UsageError, one_line
 from onnxws.executors import Executor, LocalExecutor, Measurement, PoolExecutor, WorkerDied
+from onnxws.exploration import Rejected
 from onnxws.runtime import CUDA, resolve_providers, shared_cpu_arena
 from onnxws.metrics import Metric, output_divergence, squared_sum
 
@@ -46,6 +48,9 @@ _PARALLEL_HASH_BYTES = 16 * 2**20
 _CREATE_FRACTION_SURE = 0.05
 # The inputs engine must beat the session engine by this factor to be picked.
 _INPUTS_MARGIN = 0.8
+EARLY_STOP_CHUNKS = 8
+"""A scoring that may stop early (``reject_below``) runs its subset in about this many chunks,
+checking after each whether the metric can still reach the threshold."""
 
 
 def _array_digest(name: str, array: np.ndarray) -> str:
@@ -63,6 +68,62 @@ def _read_only(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         view.setflags(write=False)
         out[k] = view
     return out
+
+
+class _Stopped(Exception):
+    """A scoring stopped early: its metric is at most ``value_at_most`` after ``samples`` samples."""
+
+    def __init__(self, value_at_most: float, samples: int, suffix: bool) -> None:
+        super().__init__(value_at_most, samples)
+        self.value_at_most, self.samples, self.suffix = value_at_most, samples, suffix
+
+
+class _RejectionBound:
+    """Follows a scoring's per-sample outcomes and stops it once the metric (their mean over the
+    subset's ``n`` samples) can no longer reach ``reject_below``: the outcomes so far plus the
+    ceiling of every sample not yet run (``Metric.outcome_ceiling``) are below it. Deterministic:
+    an upper bound, never an estimate, so a candidate whose full evaluation reaches the
+    threshold is always run to the end."""
+
+    def __init__(self, reject_below: float, ceiling: np.ndarray, outcomes: Callable, data: Mapping[str, np.ndarray],
+                 n: int, output_names: Sequence[str]) -> None:
+        self.reject_below = reject_below
+        self.n = n
+        self._outcomes = outcomes
+        self._data = data
+        self._rest = np.concatenate([np.cumsum(np.asarray(ceiling, np.float64)[::-1])[::-1], [0.0]])  # ceiling of [i:]
+        self._sum = 0.0
+        self.seen = 0
+
+    def chunks(self, batches: list[Batch], acts: list[dict[str, np.ndarray]] | None = None):
+        """``batches`` (and their prefix activations) split into about ``EARLY_STOP_CHUNKS`` runs
+        over the subset; a batch with an array that is not one row per sample stays whole."""
+        size = max(1, -(-self.n // EARLY_STOP_CHUNKS))
+        out_batches: list[Batch] = []
+        out_acts: list[dict[str, np.ndarray]] = []
+        for i, (feeds, real) in enumerate(batches):
+            act = acts[i] if acts is not None else {}
+            arrays = [*feeds.values(), *act.values()]
+            if real <= size or any(np.ndim(a) == 0 or len(a) != real for a in arrays):
+                out_batches.append((feeds, real))
+                out_acts.append(act)
+                continue
+            for start in range(0, real, size):
+                part = slice(start, min(start + size, real))
+                out_batches.append(({k: v[part] for k, v in feeds.items()}, part.stop - part.start))
+                out_acts.append({k: v[part] for k, v in act.items()})
+        return out_batches if acts is None else (out_batches, out_acts)
+
+    def add(self, outputs: list[np.ndarray], real: int, suffix: bool) -> None:
+        """Count the outcomes of the next ``real`` samples; raise ``_Stopped`` once the metric is
+        certainly below the threshold."""
+        rows = slice(self.seen, self.seen + real)
+        data = {k: v[rows] if np.ndim(v) and len(v) == self.n else v for k, v in self._data.items()}
+        self._sum += float(np.sum(self._outcomes(outputs, data)))
+        self.seen += real
+        best = (self._sum + float(self._rest[min(self.seen, self.n)])) / self.n
+        if self.seen < self.n and best < self.reject_below:
+            raise _Stopped(best, self.seen, suffix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +157,8 @@ class Scorer:
         provider: execution provider used. engine: engine picked.
         baseline_search, baseline_full: metric of the unmodified model (not counted as scorings).
         scorings, scorings_run, scorings_cached: candidate evaluations requested, run, served
-            from a cache; scorings_suffix: those run as suffix runs (part of scorings_run).
+            from a cache; scorings_suffix: those run as suffix runs (part of scorings_run);
+            scorings_stopped_early: those stopped early by ``reject_below`` (part of scorings_run).
         n_search, n_full: samples in each subset. seconds_running: time spent in ORT runs.
 
     Raises:
@@ -155,12 +217,14 @@ class Scorer:
         self._reference: dict[str, list[np.ndarray]] = {}
         self._baseline: dict[str, float] = {}
         self._memo: dict[str, tuple[float, float, float | None]] = {}
+        self._rejections: dict[str, Rejected] = {}  # candidates stopped early, by key
         self._outcomes: dict[str, np.ndarray] = {}  # per-sample outcomes of the unmodified model
         self._energies: dict[str, list[float]] = {}  # sum(r**2) of each reference output (divergence)
         self.scorings = 0
         self.scorings_run = 0
         self.scorings_cached = 0
         self.scorings_suffix = 0
+        self.scorings_stopped_early = 0
         self.seconds_running = 0.0
         self.reuse_activations = reuse_activations
         self.activation_budget = activation_budget
@@ -209,7 +273,8 @@ class Scorer:
 
     def score_with_divergence(self, candidates: Iterable[Mapping[str, np.ndarray]],
                               subset: str = "search", *, spread: bool = False,
-                              stop: Callable[[], None] | None = None) -> list[tuple]:
+                              stop: Callable[[], None] | None = None,
+                              reject_below: float | None = None) -> list[tuple | Rejected]:
         """Like ``score``, with each candidate's output divergence from the unmodified model
         (``metrics.output_divergence`` over the metric's output, or all outputs for a custom
         metric): ``[(metric value, divergence), ...]``. Both come from the same run and are
@@ -223,6 +288,12 @@ class Scorer:
         ``stop`` is called before each batch of samples a measurement runs; what it raises (a
         spent time budget) stops the scoring in progress and propagates. The candidates measured
         before it are memoised and cached; the interrupted one is not.
+
+        ``reject_below``: the caller only needs to know whether each metric value is below it. A
+        candidate whose metric can no longer reach it, whatever the samples not yet run give (the
+        metric's per-sample ``outcome_ceiling``; none for a custom metric), is stopped there and
+        answered by a ``Rejected`` (not cached: it is not a measurement of the whole subset).
+        Every candidate whose full evaluation would reach ``reject_below`` is measured to the end.
         """
         self._check_subset(subset)
         results: list[tuple | None] = []
@@ -234,12 +305,12 @@ class Scorer:
                 self._check_candidate(candidate)
                 key = self.key(candidate, subset)
                 self.scorings += 1
-                result = self._memo.get(key) or self._cached(key)
+                result = self._memo.get(key) or self._cached(key) or self._known_rejection(key, reject_below)
                 if result is not None or key in waiting:  # known, or already being measured
                     self.scorings_cached += 1
                     if result is None:
                         waiting[key].append(len(results))
-                    else:
+                    elif not isinstance(result, Rejected):
                         self._memo[key] = result
                     results.append(result)
                     continue
@@ -251,7 +322,7 @@ class Scorer:
 
         self._stop = stop
         try:
-            for i, measured in enumerate(self.executor.measure(misses(), subset)):
+            for i, measured in enumerate(self.executor.measure(misses(), subset, reject_below)):
                 self._store(submitted[i], measured, waiting, results)
                 if stop is not None:  # between candidates too (an executor measuring elsewhere)
                     stop()
@@ -259,13 +330,26 @@ class Scorer:
             raise ScoringError(f"{exc}; rerun with fewer --jobs, or without (the score cache keeps what was measured)") from exc
         finally:
             self._stop = None
-        return [result if spread else result[:2] for result in results]  # type: ignore[index]
+        return [result if spread or isinstance(result, Rejected) else result[:2] for result in results]  # type: ignore[index]
+
+    def _known_rejection(self, key: str, reject_below: float | None) -> Rejected | None:
+        """A rejection already measured for ``key`` that answers a request with this threshold."""
+        rejected = self._rejections.get(key)
+        if rejected is not None and reject_below is not None and rejected.value_at_most < reject_below:
+            return rejected
+        return None
 
     def _store(self, key: str, measured: Measurement, waiting: dict[str, list[int]], results: list) -> None:
         """Memoise and cache one measurement, and fill the positions of ``results`` waiting for it."""
-        result = (measured.value, measured.divergence, measured.spread)
         self.scorings_run += 1
         self.scorings_suffix += measured.suffix
+        if not measured.complete:  # stopped early: a bound, not the subset's metric
+            self.scorings_stopped_early += 1
+            self._rejections[key] = Rejected(measured.value, measured.samples)
+            for position in waiting.pop(key):
+                results[position] = self._rejections[key]
+            return
+        result = (measured.value, measured.divergence, measured.spread)
         if self.cache is not None:
             self.cache.put(key, result[0])
             self.cache.put(key + _DIVERGENCE_KEY, result[1])
@@ -275,15 +359,23 @@ class Scorer:
         for position in waiting.pop(key):
             results[position] = result
 
-    def measure(self, candidate: Mapping[str, np.ndarray], subset: str = "search") -> Measurement:
+    def measure(self, candidate: Mapping[str, np.ndarray], subset: str = "search",
+                reject_below: float | None = None) -> Measurement:
         """Run and measure one candidate: no memo, no cache, not counted as a scoring (what an
-        executor runs; ``score`` and ``score_with_divergence`` are the scorings)."""
+        executor runs; ``score`` and ``score_with_divergence`` are the scorings). With
+        ``reject_below``, the run stops as soon as the metric certainly stays below it
+        (``score_with_divergence``): the Measurement is then not ``complete``."""
         self._check_subset(subset)
         self._check_candidate(candidate)
-        outputs = self._run_suffix(candidate, subset) if self.reuse_activations else None
-        suffix = outputs is not None
-        if outputs is None:
-            outputs = self._run(candidate, subset)
+        bound = self._rejection_bound(subset, reject_below)
+        try:
+            outputs = self._run_suffix(candidate, subset, bound) if self.reuse_activations else None
+            suffix = outputs is not None
+            if outputs is None:
+                outputs = self._run(candidate, subset, bound=bound)
+        except _Stopped as stopped:
+            return Measurement(stopped.value_at_most, math.nan, None, stopped.suffix, complete=False,
+                               samples=stopped.samples)
         value, spread = self._metric_of(outputs, subset)
         return Measurement(value, self._divergence(outputs, subset), spread, suffix)
 
@@ -486,15 +578,44 @@ class Scorer:
             self._batches[subset] = plan_batches(self._data[subset], self.batch_size, self._fixed_batch)
         return self._batches[subset]
 
-    def _run(self, candidate: Mapping[str, np.ndarray], subset: str, engine=None) -> list[np.ndarray]:
+    def _run(self, candidate: Mapping[str, np.ndarray], subset: str, engine=None,
+             bound: _RejectionBound | None = None) -> list[np.ndarray]:
         weights = {**self._originals, **candidate}
         batches = self._batches_for(subset)
+        if bound is not None:
+            batches = bound.chunks(batches)
         t0 = time.perf_counter()
-        outputs = concat_outputs((engine or self._engine).run(weights, self._stopping(batches)), batches)
-        self.seconds_running += time.perf_counter() - t0
+        try:
+            per_batch = (engine or self._engine).run(weights, self._stopping(batches))
+            outputs = concat_outputs(self._watched(per_batch, batches, bound, suffix=False), batches)
+        finally:
+            self.seconds_running += time.perf_counter() - t0
         return outputs
 
-    def _run_suffix(self, candidate: Mapping[str, np.ndarray], subset: str) -> list[np.ndarray] | None:
+    @staticmethod
+    def _watched(per_batch: Iterable[list[np.ndarray]], batches: Sequence[Batch], bound: _RejectionBound | None,
+                 suffix: bool) -> list[list[np.ndarray]]:
+        """Every batch's outputs, each shown to ``bound`` as it comes (which may stop the run)."""
+        if bound is None:
+            return list(per_batch)
+        kept = []
+        for outputs, (_, real) in zip(per_batch, batches):
+            kept.append(outputs)
+            bound.add(outputs, real, suffix)
+        return kept
+
+    def _rejection_bound(self, subset: str, reject_below: float | None) -> _RejectionBound | None:
+        """The bound that stops a scoring below ``reject_below``, or None where the metric has no
+        per-sample ceiling or the model takes a fixed batch (whose runs cannot be split)."""
+        per_sample, ceiling = self.metric.per_sample, self.metric.outcome_ceiling
+        if reject_below is None or per_sample is None or ceiling is None or self._fixed_batch:
+            return None
+        data = self._metric_data(subset)
+        return _RejectionBound(reject_below, ceiling(self.baseline_outcomes(subset)), per_sample, data,
+                               self._data[subset].n, self._output_names)
+
+    def _run_suffix(self, candidate: Mapping[str, np.ndarray], subset: str,
+                    bound: _RejectionBound | None = None) -> list[np.ndarray] | None:
         """Outputs from a suffix run, or None when this candidate needs the whole model."""
         if len(candidate) != 1 or not isinstance(self._engine, SessionEngine):
             return None
@@ -508,21 +629,27 @@ class Scorer:
         if acts is None:
             return None
         batches = self._batches_for(subset)
+        if bound is not None:
+            batches, acts = bound.chunks(batches, acts)
         t0 = time.perf_counter()
-        if cut.suffix_nodes:
-            if cut.engine is None:
-                cut.engine = SessionEngine(suffix_model(self._prepared, cut, {**batches[0][0], **acts[0]}),
-                                            self.providers, self.threads, self._shared_arena)
-            feeds = [({b: feed[b] if b in feed else act[b] for b in cut.boundary}, real) for (feed, real), act in zip(batches, acts)]
-            computed = cut.engine.run(candidate, self._stopping(feeds))
-        else:  # the weight feeds no output
-            computed = [[] for _ in batches]
-        per_batch = []
-        for outs, act in zip(computed, acts):
-            by_name = dict(zip(cut.computed, outs)) | {k: act[k] for k in cut.kept}
-            per_batch.append([by_name[name] for name in self._output_names])
-        outputs = concat_outputs(per_batch, batches)
-        self.seconds_running += time.perf_counter() - t0
+        try:
+            if cut.suffix_nodes:
+                if cut.engine is None:
+                    cut.engine = SessionEngine(suffix_model(self._prepared, cut, {**batches[0][0], **acts[0]}),
+                                                self.providers, self.threads, self._shared_arena)
+                feeds = [({b: feed[b] if b in feed else act[b] for b in cut.boundary}, real)
+                         for (feed, real), act in zip(batches, acts)]
+                computed: Iterable[list[np.ndarray]] = cut.engine.run(candidate, self._stopping(feeds))
+            else:  # the weight feeds no output
+                computed = [[] for _ in batches]
+            def ordered() -> Iterator[list[np.ndarray]]:  # the model's outputs, batch by batch as run
+                for outs, act in zip(computed, acts):
+                    by_name = dict(zip(cut.computed, outs)) | {k: act[k] for k in cut.kept}
+                    yield [by_name[name] for name in self._output_names]
+
+            outputs = concat_outputs(self._watched(ordered(), batches, bound, suffix=True), batches)
+        finally:
+            self.seconds_running += time.perf_counter() - t0
         return outputs
 
     def _prefix_activations(self, cut: Cut, subset: str) -> list[dict[str, np.ndarray]] | None:

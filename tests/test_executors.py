@@ -20,7 +20,7 @@ class EchoMeasurer:
         EchoMeasurer.built += 1
         self.n_search = 10
 
-    def measure(self, candidate, subset):
+    def measure(self, candidate, subset, reject_below=None):
         first = float(next(iter(candidate.values())).reshape(-1)[0])
         if first < 0:
             os._exit(3)  # a worker killed in the middle of a measurement

@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import pytest
 
-from onnxws.exploration import BudgetExhausted, Layer, Option, SearchContext, loss_between, within_budget
+from onnxws.exploration import BudgetExhausted, Layer, Option, Rejected, SearchContext, loss_between, within_budget
 from onnxws.layer_search import LayerSearchSettings, layer_sensitivity, pareto_candidates
 from onnxws.network_search import (
     exhaustive_search,
@@ -109,6 +109,45 @@ def test_layer_stage_walks_and_keeps_pareto_candidates():
     # the sensitive layer's walk down stopped at the first width past the cap (b=3: 2.0 pp)
     assert sensitive.loss_alone[8] == pytest.approx(2.0) and 4 not in sensitive.loss_alone
     assert 8 not in sensitive.candidates
+
+
+def test_a_layer_stage_whose_scorings_stop_past_the_cap_keeps_the_same_walk_and_candidates():
+    """An evaluator that stops a scoring once its loss is surely past the cap (answering the least
+    loss it can have) changes no candidate, no measured loss within the cap and no count."""
+    params, sensitivity = [4000, 2000, 1000], [0.05, 0.5, 2.0]
+    layers, truth = make_layers(params, sensitivity)
+    full = context(layers, truth)
+    layer_sensitivity(full)
+    exact = {layer.name: (dict(layer.loss_alone), list(layer.candidates)) for layer in layers}
+
+    plain = stub_evaluate(truth)
+    thresholds = []
+
+    def evaluate(tuples, subset, reject_below=None):
+        thresholds.append(reject_below)
+        values = plain(tuples, subset)
+        # half the samples seen: the value can still rise by at most half of what it lost
+        return [Rejected((v + 0.99) / 2, 125) if reject_below is not None and (v + 0.99) / 2 < reject_below else v
+                for v in values]
+
+    layers, truth = make_layers(params, sensitivity)
+    ctx = SearchContext(layers, evaluate, {"search": 0.99, "full": 0.99}, 1.0, "absolute", rejects_early=True)
+    layer_sensitivity(ctx)
+    assert ctx.stopped_early > 0 and thresholds == pytest.approx([0.99 - 0.015 - 1e-8] * len(thresholds))  # the cap: 1.5 pp
+    for layer in layers:
+        losses, candidates = exact[layer.name]
+        assert layer.candidates == candidates
+        for k, loss in layer.loss_alone.items():
+            if layer.loss_source[k] == "lower_bound":
+                assert 1.5 < loss <= losses[k] and ctx.known({layer.name: k}) is None
+                assert ctx.lower_bound({layer.name: k}) == loss
+            else:
+                assert loss == losses[k]
+    assert ctx.scorings == full.scorings
+    # a tuple only bounded is scored to the end when its loss is asked for without a threshold
+    bounded = next({layer.name: k} for layer in layers for k, src in layer.loss_source.items() if src == "lower_bound")
+    [loss] = ctx.losses([bounded], "search", stage="network")
+    assert loss == pytest.approx(truth[next(iter(bounded))][next(iter(bounded.values()))])
 
 
 def test_layer_stage_on_a_grown_subset_starts_at_the_earlier_edge():

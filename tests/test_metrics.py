@@ -138,6 +138,24 @@ def test_expected_accuracy_on_a_sequence_output_is_the_mean_over_positions():
         metric.fn.outcomes([np.zeros((2, 5, 7), np.int64)], {reference_key("probs"): np.zeros((2, 5, 7), np.int64)})
 
 
+@pytest.mark.parametrize("shape", [(64, 7), (64, 5, 7)])
+def test_no_candidate_outcome_exceeds_the_expected_accuracy_ceiling(shape):
+    """The ceiling a scoring stops early by: the reference's own top-1 probability per sample (per
+    position, averaged), which no other top-1 choice can beat; reached exactly by the reference."""
+    model = probability_model()
+    data = load_data({"x": np.zeros((shape[0], 2), np.float32)}, model)
+    metric = resolve_metric("expected_accuracy", data, model)
+    rng = np.random.default_rng(4)
+    reference = rng.normal(scale=3.0, size=shape).astype(np.float32)
+    arrays = dict(data.arrays) | {reference_key("probs"): reference}
+    ceiling = metric.outcome_ceiling(metric.fn.outcomes([reference], arrays))
+    np.testing.assert_array_equal(ceiling, metric.fn.outcomes([reference], arrays))
+    for scale in (0.01, 0.5, 5.0):
+        candidate = reference + rng.normal(scale=scale, size=shape).astype(np.float32)
+        assert np.all(metric.fn.outcomes([candidate], arrays) <= ceiling)
+    assert resolve_metric("top1_agreement", data, model).outcome_ceiling(np.zeros(3)).tolist() == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("name", BUILTIN)
 def test_built_in_metrics_are_selectable_by_name_in_the_config_too(name):
     from onnxws.config import CompressConfig

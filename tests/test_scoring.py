@@ -15,6 +15,7 @@ from onnxws.errors import InputError, UsageError
 from onnxws.metrics import resolve_metric
 from onnxws.runtime import cuda_usable, resolve_providers
 from onnxws.evaluation import evaluate_model
+from onnxws.exploration import Rejected
 from onnxws.scoring import Scorer
 
 ENGINES = ["session", "inputs"]
@@ -631,9 +632,9 @@ class _LookAheadExecutor:
         self.scorer = scorer
         self.measured = 0
 
-    def measure(self, candidates, subset):
+    def measure(self, candidates, subset, reject_below=None):
         drawn = list(candidates)
-        measurements = [self.scorer.measure(c, subset) for c in reversed(drawn)][::-1]
+        measurements = [self.scorer.measure(c, subset, reject_below) for c in reversed(drawn)][::-1]
         self.measured += len(drawn)
         yield from measurements
 
@@ -709,3 +710,59 @@ def test_a_pool_of_workers_measures_what_the_scorer_measures_in_process(labelled
     finally:
         pooled.close()
         local.close()
+
+
+def _perturbed(scorer: Scorer, name: str, scales) -> list[dict[str, np.ndarray]]:
+    """Candidates that add ever larger noise to one weight (a single weight: suffix runs)."""
+    rng = np.random.default_rng(3)
+    original = scorer.originals[name]
+    spread = float(np.std(original))
+    return [{name: (original + rng.normal(0, s * spread, original.shape)).astype(np.float32)} for s in scales]
+
+
+@pytest.mark.parametrize("metric_name", ["top1_accuracy", "expected_accuracy", "top1_agreement"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_early_stopping_never_rejects_what_the_full_evaluation_accepts(labelled, metric_name, engine):
+    """Each candidate scored to the end, then again with thresholds around its value: a stop only
+    where the full value is below the threshold, with a bound at or above the full value, and
+    the same exact value wherever it was not stopped."""
+    model, data, _ = labelled
+    metric = resolve_metric(metric_name, data, model)
+    exact = Scorer(model, WEIGHTS, data, metric, device="cpu", engine=engine, threads=1, search_samples=300)
+    bounded = Scorer(model, WEIGHTS, data, metric, device="cpu", engine=engine, threads=1, search_samples=300)
+    candidates = [*_perturbed(exact, "conv.W", [0.05, 0.3, 1.0, 3.0]), *_perturbed(exact, "fc.W", [0.1, 0.5, 2.0]),
+                  {"conv.W": np.zeros((4, 1, 3, 3), np.float32), "fc.W": exact.originals["fc.W"] * 0.5}]
+    values = [v for v, _ in exact.score_with_divergence(candidates)]
+    assert max(values) > min(values) + 0.1  # the candidates span a range of losses
+    stopped = 0
+    # Highest first: a candidate measured to the end is memoised, and lower thresholds then reuse it.
+    for threshold in sorted({*values, *(v + 0.02 for v in values), *(v - 0.02 for v in values), 0.9, 0.5}, reverse=True):
+        results = bounded.score_with_divergence(candidates, reject_below=threshold)
+        for value, result in zip(values, results):
+            if isinstance(result, Rejected):
+                stopped += 1
+                assert value < threshold, (threshold, value, result)
+                assert value <= result.value_at_most + 1e-12 and result.value_at_most < threshold
+                assert 0 < result.samples < 300
+            else:
+                assert result[0] == value
+    assert stopped > 0  # a threshold well above a candidate's value stops it early
+    assert bounded.scorings_stopped_early > 0
+    exact.close()
+    bounded.close()
+
+
+def test_a_rejection_is_neither_cached_nor_taken_for_a_score(labelled, tmp_path):
+    cache = ScoreCache(tmp_path / "scores.sqlite")
+    scorer = make_scorer(labelled, "session", cache=cache, search_samples=300)
+    [bad] = _perturbed(scorer, "conv.W", [3.0])
+    [exact_value] = scorer.score([bad])  # measured to the end first: the bound must not replace it
+    fresh = make_scorer(labelled, "session", search_samples=300)
+    [rejected] = fresh.score_with_divergence([bad], reject_below=exact_value + 0.2)
+    assert isinstance(rejected, Rejected) and rejected.value_at_most >= exact_value
+    [again] = fresh.score_with_divergence([bad], reject_below=exact_value + 0.2)  # answered by the rejection
+    assert again == rejected and fresh.scorings_run == 1
+    assert fresh.score([bad]) == [exact_value]  # no threshold: measured to the end
+    assert fresh.scorings_run == 2 and fresh.scorings_stopped_early == 1
+    scorer.close()
+    fresh.close()
