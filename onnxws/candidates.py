@@ -13,8 +13,14 @@ the layer stage measures both and keeps one (``use_granularities``).
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
+import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,14 +29,22 @@ import onnx
 from onnxws.clustering import share_weight_all_k
 from onnxws.config import CompressConfig
 from onnxws.discovery import Discovery
+from onnxws.errors import one_line
 from onnxws.exploration import Layer, Option
-from onnxws.refinement import Moments, Plan, measure_moments, refine_all
+from onnxws.refinement import ROUNDS as REFINE_ROUNDS
+from onnxws.refinement import Bias, Moments, Plan, measure_moments, refine_all
 from onnxws.refinement import plan as plan_refinement
 from onnxws.scoring import Scorer
 from onnxws.sharing import Granularity, SharedWeight, index_bits
 
+logger = logging.getLogger(__name__)
+
 ProgressFn = Callable[[str, int, int, str], None]
 ReadFn = Callable[[list[str]], Iterable[Mapping[str, np.ndarray]]]
+PARALLEL_WORK = 2e9
+"""Refinement's estimated multiply-adds (``cluster_workers``) from which the cluster stage runs in
+one worker process per CPU: below it, starting the workers (about a second each: Python, numpy,
+onnxws) costs more than it saves."""
 
 
 def dtype_bits(dtype: str) -> int:
@@ -126,41 +140,127 @@ class Candidates:
         return shared
 
 
+@dataclass(frozen=True)
+class _Task:
+    """One tensor at one granularity: cluster at every k, then refine where it has moments."""
+
+    name: str
+    values: np.ndarray
+    ks: list[int]
+    granularity: Granularity
+    channel_axis: int
+    moments: Moments | None
+    bias: tuple[Bias, np.ndarray] | None
+
+
+def _run_task(task: _Task) -> tuple[dict[int, SharedWeight], dict[int, float], float, float]:
+    """The shared form and damage proxy of every k of ``task``, and the seconds spent clustering
+    and refining (what a worker process runs; the same in-process)."""
+    t0 = time.perf_counter()
+    by_k = share_weight_all_k(task.name, task.values, task.ks, task.granularity, task.channel_axis)
+    damage = {k: float(sw.inertia) for k, sw in by_k.items()}
+    t1 = time.perf_counter()
+    if task.moments is not None:  # damage proxy: the output error (refined), not the weights'
+        by_k, damage = refine_all(by_k, task.values, task.moments, bias=task.bias)
+    return by_k, damage, t1 - t0, time.perf_counter() - t1
+
+
+def _run_tasks(tasks: Iterable[_Task], workers: int) -> Iterator[tuple[_Task, tuple]]:
+    """Each task with its result, in order: in this process, or in ``workers`` spawned processes
+    with at most two tasks per worker in flight (each holds a copy of its tensor and moments)."""
+    tasks = iter(tasks)
+    if workers > 1:
+        pending: deque[tuple[_Task, Future]] = deque()
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for task in tasks:
+                    pending.append((task, pool.submit(_run_task, task)))
+                    if len(pending) >= 2 * workers:
+                        yield pending[0][0], pending[0][1].result()
+                        pending.popleft()
+                while pending:
+                    yield pending[0][0], pending[0][1].result()
+                    pending.popleft()
+            return
+        except BrokenProcessPool as exc:  # workers that cannot start (a __main__ spawn cannot import) or died
+            logger.warning("cluster stage: worker processes failed (%s); going on in this process", one_line(exc))
+        for task, _ in pending:  # what the workers did not finish, then the rest
+            yield task, _run_task(task)
+    for task in tasks:
+        yield task, _run_task(task)
+
+
+def _widths(config: CompressConfig, name: str, op_type: str) -> list[int]:
+    """The ks a tensor is clustered at (one per allowed index width, capped by its k range)."""
+    settings = config.settings_for(name, op_type)
+    return sorted({min(2 ** b, settings.k_max) for b in settings.bits})
+
+
+def cluster_workers(discovery: Discovery, moments: Mapping[str, Moments], config: CompressConfig,
+                    cpus: int | None = None) -> int:
+    """Worker processes for the cluster stage: one per CPU when refinement's estimated work
+    (outputs x inputs^2 per round and width, over the refined tensors) is at least
+    ``PARALLEL_WORK``, else 1 (in-process)."""
+    cpus = cpus or os.cpu_count() or 1
+    work = 0.0
+    for info in discovery.weights:
+        m = moments.get(info.name)
+        if m is not None:
+            work += float(info.shape[m.out_axis]) * m.h.shape[-1] ** 2 * REFINE_ROUNDS * len(_widths(config, info.name, info.op_type))
+    return min(cpus, len(discovery.weights)) if work >= PARALLEL_WORK and cpus > 1 else 1
+
+
 def build_candidates(discovery: Discovery, config: CompressConfig, originals: Mapping[str, np.ndarray],
-                     moments: dict[str, Moments], refine: Plan, notify: ProgressFn) -> Candidates:
+                     moments: dict[str, Moments], refine: Plan, notify: ProgressFn,
+                     workers: int | None = None) -> Candidates:
     """Cluster (and refine) every shareable tensor at every k its settings allow.
 
-    ``moments`` is emptied as it is used (a weight's H can be large).
+    Tensors are independent: with ``workers`` > 1 (default: ``cluster_workers``) they are
+    clustered and refined in that many worker processes, with the same results as in-process.
+    ``moments`` is emptied as it is used (a weight's H can be large). ``refine_seconds`` is the
+    refinement's share of the stage's wall time.
     """
     found = Candidates([], {}, refined_rows={name: m.rows for name, m in moments.items()})
-    for i, info in enumerate(discovery.weights):
-        notify("cluster", i, len(discovery.weights), info.name)
-        settings = config.settings_for(info.name, info.op_type)
-        ks = sorted({min(2 ** b, settings.k_max) for b in settings.bits})
-        values = originals[info.name]
+    if workers is None:
+        workers = cluster_workers(discovery, moments, config)
+
+    def kinds_of(info) -> list[Granularity]:
+        granularity = config.settings_for(info.name, info.op_type).granularity
+        if granularity.kind != "auto":
+            return [granularity]
+        values = originals[info.name]  # auto: both measured in the layer stage
+        channel = values.ndim >= 2 and values.shape[info.channel_axis] > 1
+        return [Granularity("tensor"), Granularity("channel")] if channel else [Granularity("tensor")]
+
+    def tasks() -> Iterator[_Task]:
+        for i, info in enumerate(discovery.weights):
+            notify("cluster", i, len(discovery.weights), info.name)
+            ks = _widths(config, info.name, info.op_type)
+            m = moments.pop(info.name, None)
+            bias = refine.biases.get(info.name) if m is not None else None
+            for granularity in kinds_of(info):
+                yield _Task(info.name, originals[info.name], ks, granularity, info.channel_axis, m,
+                            None if bias is None else (bias, originals[bias.name]))
+
+    t0 = time.perf_counter()
+    seconds = {"cluster": 0.0, "refine": 0.0}
+    infos = {info.name: info for info in discovery.weights}
+    for task, (by_k, damage, t_cluster, t_refine) in _run_tasks(tasks(), workers):
+        info = infos[task.name]
+        seconds["cluster"] += t_cluster
+        seconds["refine"] += t_refine
         cb_bits = dtype_bits(info.dtype)
-        kinds = [settings.granularity]
-        if settings.granularity.kind == "auto":  # both measured in the layer stage
-            kinds = [Granularity("tensor")]
-            if values.ndim >= 2 and values.shape[info.channel_axis] > 1:
-                kinds.append(Granularity("channel"))
-        for granularity in kinds:
-            by_k = share_weight_all_k(info.name, values, ks, granularity, info.channel_axis)
-            damage = {k: float(sw.inertia) for k, sw in by_k.items()}
-            if info.name in moments:  # damage proxy: the output error (refined), not the weights'
-                t_refine = time.perf_counter()
-                bias = refine.biases.get(info.name)
-                by_k, damage = refine_all(by_k, values, moments[info.name],
-                                          bias=None if bias is None else (bias, originals[bias.name]))
-                found.output_errors.setdefault(info.name, {})[str(granularity)] = damage
-                found.refine_seconds += time.perf_counter() - t_refine
-            options = [Option(k, index_bits(k), sw.stored_bits(cb_bits), damage[k]) for k, sw in sorted(by_k.items())]
-            if granularity is kinds[0]:
-                found.shares[info.name] = by_k
-                found.layers.append(Layer(info.name, info.params, info.params * cb_bits, options))
-            if len(kinds) > 1:
-                found.variants.setdefault(info.name, {})[granularity.kind] = (options, by_k)
-        del values
+        kinds = kinds_of(info)
+        if task.moments is not None:
+            found.output_errors.setdefault(info.name, {})[str(task.granularity)] = damage
+        options = [Option(k, index_bits(k), sw.stored_bits(cb_bits), damage[k]) for k, sw in sorted(by_k.items())]
+        if task.granularity == kinds[0]:
+            found.shares[info.name] = by_k
+            found.layers.append(Layer(info.name, info.params, info.params * cb_bits, options))
+        if len(kinds) > 1:
+            found.variants.setdefault(info.name, {})[task.granularity.kind] = (options, by_k)
     moments.clear()
+    busy = seconds["cluster"] + seconds["refine"]
+    found.refine_seconds = (time.perf_counter() - t0) * seconds["refine"] / busy if busy > 0 else 0.0
     notify("cluster", len(discovery.weights), len(discovery.weights), "done")
     return found
