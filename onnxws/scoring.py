@@ -24,6 +24,7 @@ import onnx
 
 from onnxws.cache import ScoreCache
 from onnxws.data import Batch, EvalData, concat_outputs, default_batch_size, fixed_batch, join_outputs, plan_batches
+from onnxws.early_stopping import RejectionBound, Stopped, watched
 from onnxws.engines import (Cut, InputsEngine, Prepared, SessionEngine, plan_cut, prefix_model, prepare, producer_model,
                             suffix_model)
 from onnxws.errors import InputError, OnnxwsError, ScoringError, UsageError, one_line
@@ -48,9 +49,6 @@ _PARALLEL_HASH_BYTES = 16 * 2**20
 _CREATE_FRACTION_SURE = 0.05
 # The inputs engine must beat the session engine by this factor to be picked.
 _INPUTS_MARGIN = 0.8
-EARLY_STOP_CHUNKS = 8
-"""A scoring that may stop early (``reject_below``) runs its subset in about this many chunks,
-checking after each whether the metric can still reach the threshold."""
 
 
 def _array_digest(name: str, array: np.ndarray) -> str:
@@ -68,62 +66,6 @@ def _read_only(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         view.setflags(write=False)
         out[k] = view
     return out
-
-
-class _Stopped(Exception):
-    """A scoring stopped early: its metric is at most ``value_at_most`` after ``samples`` samples."""
-
-    def __init__(self, value_at_most: float, samples: int, suffix: bool) -> None:
-        super().__init__(value_at_most, samples)
-        self.value_at_most, self.samples, self.suffix = value_at_most, samples, suffix
-
-
-class _RejectionBound:
-    """Follows a scoring's per-sample outcomes and stops it once the metric (their mean over the
-    subset's ``n`` samples) can no longer reach ``reject_below``: the outcomes so far plus the
-    ceiling of every sample not yet run (``Metric.outcome_ceiling``) are below it. Deterministic:
-    an upper bound, never an estimate, so a candidate whose full evaluation reaches the
-    threshold is always run to the end."""
-
-    def __init__(self, reject_below: float, ceiling: np.ndarray, outcomes: Callable, data: Mapping[str, np.ndarray],
-                 n: int, output_names: Sequence[str]) -> None:
-        self.reject_below = reject_below
-        self.n = n
-        self._outcomes = outcomes
-        self._data = data
-        self._rest = np.concatenate([np.cumsum(np.asarray(ceiling, np.float64)[::-1])[::-1], [0.0]])  # ceiling of [i:]
-        self._sum = 0.0
-        self.seen = 0
-
-    def chunks(self, batches: list[Batch], acts: list[dict[str, np.ndarray]] | None = None):
-        """``batches`` (and their prefix activations) split into about ``EARLY_STOP_CHUNKS`` runs
-        over the subset; a batch with an array that is not one row per sample stays whole."""
-        size = max(1, -(-self.n // EARLY_STOP_CHUNKS))
-        out_batches: list[Batch] = []
-        out_acts: list[dict[str, np.ndarray]] = []
-        for i, (feeds, real) in enumerate(batches):
-            act = acts[i] if acts is not None else {}
-            arrays = [*feeds.values(), *act.values()]
-            if real <= size or any(np.ndim(a) == 0 or len(a) != real for a in arrays):
-                out_batches.append((feeds, real))
-                out_acts.append(act)
-                continue
-            for start in range(0, real, size):
-                part = slice(start, min(start + size, real))
-                out_batches.append(({k: v[part] for k, v in feeds.items()}, part.stop - part.start))
-                out_acts.append({k: v[part] for k, v in act.items()})
-        return out_batches if acts is None else (out_batches, out_acts)
-
-    def add(self, outputs: list[np.ndarray], real: int, suffix: bool) -> None:
-        """Count the outcomes of the next ``real`` samples; raise ``_Stopped`` once the metric is
-        certainly below the threshold."""
-        rows = slice(self.seen, self.seen + real)
-        data = {k: v[rows] if np.ndim(v) and len(v) == self.n else v for k, v in self._data.items()}
-        self._sum += float(np.sum(self._outcomes(outputs, data)))
-        self.seen += real
-        best = (self._sum + float(self._rest[min(self.seen, self.n)])) / self.n
-        if self.seen < self.n and best < self.reject_below:
-            raise _Stopped(best, self.seen, suffix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,7 +315,7 @@ class Scorer:
             suffix = outputs is not None
             if outputs is None:
                 outputs = self._run(candidate, subset, bound=bound)
-        except _Stopped as stopped:
+        except Stopped as stopped:
             return Measurement(stopped.value_at_most, math.nan, None, stopped.suffix, complete=False,
                                samples=stopped.samples)
         value, spread = self._metric_of(outputs, subset)
@@ -579,7 +521,7 @@ class Scorer:
         return self._batches[subset]
 
     def _run(self, candidate: Mapping[str, np.ndarray], subset: str, engine=None,
-             bound: _RejectionBound | None = None) -> list[np.ndarray]:
+             bound: RejectionBound | None = None) -> list[np.ndarray]:
         weights = {**self._originals, **candidate}
         batches = self._batches_for(subset)
         if bound is not None:
@@ -587,35 +529,23 @@ class Scorer:
         t0 = time.perf_counter()
         try:
             per_batch = (engine or self._engine).run(weights, self._stopping(batches))
-            outputs = concat_outputs(self._watched(per_batch, batches, bound, suffix=False), batches)
+            outputs = concat_outputs(watched(per_batch, batches, bound, suffix=False), batches)
         finally:
             self.seconds_running += time.perf_counter() - t0
         return outputs
 
-    @staticmethod
-    def _watched(per_batch: Iterable[list[np.ndarray]], batches: Sequence[Batch], bound: _RejectionBound | None,
-                 suffix: bool) -> list[list[np.ndarray]]:
-        """Every batch's outputs, each shown to ``bound`` as it comes (which may stop the run)."""
-        if bound is None:
-            return list(per_batch)
-        kept = []
-        for outputs, (_, real) in zip(per_batch, batches):
-            kept.append(outputs)
-            bound.add(outputs, real, suffix)
-        return kept
-
-    def _rejection_bound(self, subset: str, reject_below: float | None) -> _RejectionBound | None:
+    def _rejection_bound(self, subset: str, reject_below: float | None) -> RejectionBound | None:
         """The bound that stops a scoring below ``reject_below``, or None where the metric has no
         per-sample ceiling or the model takes a fixed batch (whose runs cannot be split)."""
         per_sample, ceiling = self.metric.per_sample, self.metric.outcome_ceiling
         if reject_below is None or per_sample is None or ceiling is None or self._fixed_batch:
             return None
         data = self._metric_data(subset)
-        return _RejectionBound(reject_below, ceiling(self.baseline_outcomes(subset)), per_sample, data,
-                               self._data[subset].n, self._output_names)
+        return RejectionBound(reject_below, ceiling(self.baseline_outcomes(subset)), per_sample, data,
+                               self._data[subset].n)
 
     def _run_suffix(self, candidate: Mapping[str, np.ndarray], subset: str,
-                    bound: _RejectionBound | None = None) -> list[np.ndarray] | None:
+                    bound: RejectionBound | None = None) -> list[np.ndarray] | None:
         """Outputs from a suffix run, or None when this candidate needs the whole model."""
         if len(candidate) != 1 or not isinstance(self._engine, SessionEngine):
             return None
@@ -647,7 +577,7 @@ class Scorer:
                     by_name = dict(zip(cut.computed, outs)) | {k: act[k] for k in cut.kept}
                     yield [by_name[name] for name in self._output_names]
 
-            outputs = concat_outputs(self._watched(ordered(), batches, bound, suffix=True), batches)
+            outputs = concat_outputs(watched(ordered(), batches, bound, suffix=True), batches)
         finally:
             self.seconds_running += time.perf_counter() - t0
         return outputs
